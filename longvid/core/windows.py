@@ -1,0 +1,426 @@
+"""Temporal context windows (FreeNoise): views, weights, weighted fusion, and the two ways to install them.
+
+A long clip of ``F`` frames is processed as overlapping *views* of the model's native length (``window``),
+``stride`` frames apart; every view's output is weighted per position (``pyramid`` by default) and the
+overlapping outputs are averaged per frame. Two granularities exist upstream and both are offered here:
+
+* :class:`WindowFusedAttnProcessor`: per attention layer, as the official VideoCrafter FreeNoise
+  (notes §2.2): each view attends within itself, outputs are fused, then ``to_out``.
+* :func:`apply_block_fusion`: per transformer block, as the official AnimateDiff port and diffusers'
+  ``FreeNoiseTransformerBlock`` (notes §2.5–2.6): each view runs both attentions with their residuals, the
+  states are fused, then the feed-forward runs once on the fused states.
+
+Deviations from upstream, all deliberate (notes §2.2, §2.6): a tail view ``(F-window, F)`` covers the frames
+the regular views miss (official: those frames get 0), it contributes only to those frames with the correct
+weight slice ``w[-k:]`` (diffusers: one scalar ``w[-k]``, which mis-scales 2- and 3-frame tails), and
+``F ≤ window`` is exactly vanilla (official: zeros below the window; diffusers: IndexError).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHTINGS = ("pyramid", "flat", "delayed_reverse_sawtooth")
+BLOCK_HOOK_NAME = "longvid.freenoise.block"
+
+View = tuple[int, int]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Views and weights
+# ----------------------------------------------------------------------------------------------------------
+
+
+def context_views(num_frames: int, window: int, stride: int) -> list[View]:
+    """Half-open frame ranges ``[(s, s+window), …]`` for ``s = 0, stride, …``, plus a tail view if needed.
+
+    The tail view ``(F-window, F)`` is appended when the last regular view stops short of ``F``, so every
+    frame is covered. ``F ≤ window`` gives the single view ``[(0, F)]``.
+    """
+    _check_window(num_frames, window, stride)
+    if num_frames <= window:
+        return [(0, num_frames)]
+    views = [(s, s + window) for s in range(0, num_frames - window + 1, stride)]
+    if views[-1][1] < num_frames:
+        views.append((num_frames - window, num_frames))
+    return views
+
+
+def window_weights(length: int, scheme: str = "pyramid") -> torch.Tensor:
+    """Per-position weights of one view, float64 ``(length,)``.
+
+    * ``pyramid`` (official FreeNoise): ``[1, 2, …, n/2, n/2, …, 2, 1]``; odd ``n`` peaks once:
+      ``[1, …, m, m+1, m, …, 1]`` with ``n = 2m+1``.
+    * ``flat``: all ones.
+    * ``delayed_reverse_sawtooth`` (diffusers): even ``n = 2m``: ``[0.01]*(m-1) + [m] + [m, m-1, …, 1]``
+      (n=4 → ``[0.01, 2, 2, 1]``). Odd ``n = 2m+1`` (our definition; diffusers returns ``n+1`` weights there):
+      ``[0.01]*m + [m+1, m, …, 1]`` (n=5 → ``[0.01, 0.01, 3, 2, 1]``, the list diffusers' own comment gives),
+      i.e. near-zero weight on the first half and a descending ramp over the second half.
+    """
+    if length < 1:
+        raise ValueError(f"window weights need a length ≥ 1, got {length}")
+    half, odd = divmod(length, 2)
+    if scheme == "flat":
+        weights = [1.0] * length
+    elif scheme == "pyramid":
+        rise = list(range(1, half + 1))
+        weights = rise + [half + 1] * odd + rise[::-1]
+    elif scheme == "delayed_reverse_sawtooth":
+        peak = half + odd  # m for even n = 2m, m+1 for odd n = 2m+1
+        weights = [0.01] * (length - peak - 1 + odd) + [float(peak)] * (1 - odd) + list(range(peak, 0, -1))
+    else:
+        raise ValueError(f"unknown weighting {scheme!r}; choose one of {', '.join(WEIGHTINGS)}")
+    assert len(weights) == length
+    return torch.tensor(weights, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    """Views of one frame count and the weight each view's frames get in the per-frame average.
+
+    Attributes:
+        views: the :func:`context_views`.
+        weights: per view, float64 ``(view_len,)``: the raw window weights, zeroed where a tail view overlaps
+            frames that earlier views already cover (the tail only fills the uncovered frames).
+        counts: float64 ``(F,)``: per-frame sum of ``weights`` (never 0: every frame is covered).
+        normalized: per view, ``weights / counts[view]``; summing ``normalized · out`` is the weighted average,
+            and keeps the accumulator at the magnitude of the outputs (safe in fp16).
+    """
+
+    views: tuple[View, ...]
+    weights: tuple[torch.Tensor, ...]
+    counts: torch.Tensor
+    normalized: tuple[torch.Tensor, ...]
+
+
+@lru_cache(maxsize=64)
+def fusion_plan(num_frames: int, window: int, stride: int, scheme: str = "pyramid") -> FusionPlan:
+    """Views, per-view weights and per-frame weight sums for ``num_frames`` frames (cached; do not mutate)."""
+    views = context_views(num_frames, window, stride)
+    base = window_weights(min(window, num_frames), scheme)  # (L,)
+    counts = torch.zeros(num_frames, dtype=torch.float64)  # (F,)
+    weights = []
+    covered = 0  # frames [0, covered) are covered by earlier views
+    for start, end in views:
+        w = base.clone()
+        fresh = end - max(start, covered)  # frames of this view no earlier view covers
+        if start < covered:  # the tail view: it only fills the uncovered frames, with weights w[-k:]
+            w[: end - start - fresh] = 0.0
+        counts[start:end] += w
+        weights.append(w)
+        covered = end
+    normalized = tuple(w / counts[s:e] for w, (s, e) in zip(weights, views))
+    return FusionPlan(tuple(views), tuple(weights), counts, normalized)
+
+
+def frame_weight_counts(num_frames: int, window: int, stride: int, scheme: str = "pyramid") -> torch.Tensor:
+    """Per-frame sum of window weights, float64 ``(F,)`` (pyramid 16/4: 1, 2, 3, 4, 6, 8, …, 18 inside)."""
+    return fusion_plan(num_frames, window, stride, scheme).counts.clone()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fusion
+# ----------------------------------------------------------------------------------------------------------
+
+
+class WindowAccumulator:
+    """Running weighted average of per-view outputs along one frame dimension.
+
+    Views can be added one at a time (so a loop over views never holds more than one view's output) and in
+    any order; :meth:`result` is the per-frame weighted average once every view was added.
+    """
+
+    def __init__(self, plan: FusionPlan, like: torch.Tensor, dim: int = 1):
+        self.plan = plan
+        self.dim = dim % like.ndim
+        shape = list(like.shape)
+        shape[self.dim] = int(plan.counts.numel())
+        self.total = like.new_zeros(shape)  # (…, F, …)
+
+    def add(self, index: int, out: torch.Tensor) -> None:
+        """Add view ``index``'s output, ``out`` having the view's frames along ``dim``."""
+        start, end = self.plan.views[index]
+        w = self.plan.normalized[index].to(device=out.device, dtype=out.dtype)  # (L,)
+        w = w.view([-1 if d == self.dim else 1 for d in range(out.ndim)])  # broadcast along the frame dim
+        self.total.narrow(self.dim, start, end - start).add_(out * w)
+
+    def result(self) -> torch.Tensor:
+        return self.total
+
+
+def fuse(view_outputs: list[torch.Tensor], plan: FusionPlan, dim: int = 1) -> torch.Tensor:
+    """Weighted per-frame average of ``view_outputs`` (one per ``plan.views``, frames along ``dim``)."""
+    if len(view_outputs) != len(plan.views):
+        raise ValueError(f"fuse: got {len(view_outputs)} view outputs for {len(plan.views)} views")
+    acc = WindowAccumulator(plan, view_outputs[0], dim)
+    for i, out in enumerate(view_outputs):
+        acc.add(i, out)
+    return acc.result()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-layer fusion: attention processor
+# ----------------------------------------------------------------------------------------------------------
+
+
+class WindowFusedAttnProcessor:
+    """Temporal self-attention over overlapping windows, fused per layer (official VideoCrafter FreeNoise).
+
+    For any diffusers ``Attention`` whose input is ``(B·H·W, F, C)``: q/k/v are projected once for all
+    frames, every view attends within its frames, the view outputs are weight-averaged per frame, then
+    ``to_out`` runs once. ``F ≤ window`` is exactly ``AttnProcessor2_0`` (one view, no weighting).
+
+    ``pos_embed``: an additive absolute positional embedding (diffusers ``SinusoidalPositionalEmbedding``,
+    ``x + pe[:, :S]``) applied *window-locally* (positions restart at 0 in every view, as the official
+    AnimateDiff port does). The caller must disable the block's own ``pos_embed`` so it is not added twice.
+    It costs no extra projection: for an affine projection ``W(x + p) + b = (Wx + b) + Wp``, so ``W·pe`` is
+    computed once (``window × C``) and added to each view's slice of the projected q/k/v.
+    """
+
+    def __init__(self, window: int = 16, stride: int = 4, weighting: str = "pyramid", pos_embed: nn.Module | None = None):
+        _check_window(1, window, stride)
+        window_weights(window, weighting)  # validates the scheme name early
+        self.window = window
+        self.stride = stride
+        self.weighting = weighting
+        self.pos_embed = pos_embed
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        self._check_call(attn, hidden_states, encoder_hidden_states, attention_mask)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        n, frames, _ = hidden_states.shape  # (N, F, C)
+        q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))  # (N, h, F, D)
+        plan = fusion_plan(frames, self.window, self.stride, self.weighting)
+        pos = self._projected_positions(attn, hidden_states, len_=plan.views[0][1] - plan.views[0][0])
+        if pos is None:  # norms can run once over all frames
+            q, k = _qk_norm(attn, q, k)
+        out = self._fused_attention(attn, q, k, v, plan, pos)  # (N, h, F, D)
+        out = out.transpose(1, 2).reshape(n, frames, -1).to(q.dtype)  # (N, F, h·D)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _fused_attention(self, attn, q, k, v, plan: FusionPlan, pos) -> torch.Tensor:
+        """Attention within each view, weight-averaged per frame. q/k/v/out ``(N, h, F, D)``."""
+        if len(plan.views) == 1:  # F ≤ window: plain attention, bit-identical to AttnProcessor2_0
+            return self._view_attention(attn, q, k, v, pos)
+        acc = WindowAccumulator(plan, v, dim=2)
+        for i, (start, end) in enumerate(plan.views):
+            qw, kw, vw = (t[:, :, start:end] for t in (q, k, v))  # (N, h, L, D)
+            acc.add(i, self._view_attention(attn, qw, kw, vw, pos))
+        return acc.result()
+
+    @staticmethod
+    def _view_attention(attn, q, k, v, pos) -> torch.Tensor:
+        """SDPA over one view; ``pos`` = projected (pq, pk, pv), each ``(h, L, D)``, added window-locally."""
+        if pos is not None:
+            q, k, v = q + pos[0], k + pos[1], v + pos[2]
+            q, k = _qk_norm(attn, q, k)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)  # (N, h, L, D)
+
+    def _projected_positions(self, attn, x: torch.Tensor, len_: int):
+        """``W·pe[:len_]`` for q, k and v, each ``(h, len_, D)``; None without ``pos_embed``."""
+        if self.pos_embed is None:
+            return None
+        zeros = x.new_zeros(1, len_, x.shape[-1])  # (1, L, C)
+        pe = self.pos_embed(zeros).to(x.dtype)  # (1, L, C): the positional term alone
+        return tuple(_heads(_linear_part(proj, pe), attn.heads)[0] for proj in (attn.to_q, attn.to_k, attn.to_v))
+
+    def _check_call(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> None:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("WindowFusedAttnProcessor handles temporal self-attention without masks only")
+        if hidden_states.ndim != 3:
+            raise ValueError(f"WindowFusedAttnProcessor expects (B·H·W, F, C) input, got shape {tuple(hidden_states.shape)}")
+        if self.pos_embed is not None and (
+            attn.group_norm is not None or attn.spatial_norm is not None or attn.residual_connection
+        ):
+            raise ValueError(
+                "WindowFusedAttnProcessor: pos_embed needs the projections to act directly on the input "
+                "(no group_norm/spatial_norm/residual_connection on this Attention)"
+            )
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(N, S, h·D) -> (N, h, S, D)``."""
+    n, seq, inner = x.shape
+    return x.view(n, seq, heads, inner // heads).transpose(1, 2)
+
+
+def _qk_norm(attn, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k
+
+
+def _linear_part(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The bias-free part of an affine projection, ``W·x``. ``(…, C_in) -> (…, C_out)``.
+
+    Plain ``nn.Linear``: ``F.linear`` without bias. Anything else affine (a LoRA-wrapped linear):
+    ``proj(x) - proj(0)``.
+    """
+    if type(proj) is nn.Linear:
+        return F.linear(x, proj.weight)
+    return proj(x) - proj(torch.zeros_like(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-block fusion: diffusers ModelHook on a BasicTransformerBlock
+# ----------------------------------------------------------------------------------------------------------
+
+
+class BlockFusionHook:
+    """Removable handle returned by :func:`apply_block_fusion`; ``remove()`` restores the block."""
+
+    def __init__(self, block: nn.Module, hook):
+        self.block = block
+        self.hook = hook
+
+    def remove(self) -> None:
+        remove_block_fusion(self.block)
+
+
+def apply_block_fusion(block: nn.Module, window: int = 16, stride: int = 4, weighting: str = "pyramid") -> BlockFusionHook:
+    """Install FreeNoise block-level window fusion on a diffusers ``BasicTransformerBlock``.
+
+    The block must see ``(B·H·W, F, C)`` input (AnimateDiff motion-module blocks). Semantics are those of
+    diffusers' ``FreeNoiseTransformerBlock`` with the tail-weight fix and a vanilla path for ``F ≤ window``
+    (see :class:`_BlockFusionModelHook`), installed as a diffusers ``ModelHook`` named
+    :data:`BLOCK_HOOK_NAME` instead of swapping modules, so it composes with other hooks and removes cleanly.
+    """
+    from diffusers.hooks import HookRegistry
+
+    _check_block(block)
+    _check_window(1, window, stride)
+    window_weights(window, weighting)
+    hook = _BlockFusionModelHook(window, stride, weighting)
+    registry = HookRegistry.check_if_exists_or_initialize(block)
+    registry.register_hook(hook, BLOCK_HOOK_NAME)
+    return BlockFusionHook(block, hook)
+
+
+def remove_block_fusion(block: nn.Module) -> None:
+    """Remove the hook installed by :func:`apply_block_fusion` (no-op if absent); the block is then vanilla."""
+    registry = getattr(block, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(BLOCK_HOOK_NAME) is not None:
+        registry.remove_hook(BLOCK_HOOK_NAME, recurse=False)
+
+
+def _make_block_hook_class():
+    """Build the ModelHook subclass lazily, so importing this module does not import diffusers.hooks."""
+    from diffusers.hooks import ModelHook
+
+    class _Hook(ModelHook):
+        """Adapted from diffusers==0.42.1 FreeNoiseTransformerBlock.forward (change: tail weights w[-k:],
+        F ≤ window = vanilla).
+
+        Per view: norm1 → pos_embed (window-local) → attn1 → +residual → norm2 → pos_embed → attn2 → +residual;
+        the views' states are weight-averaged per frame; then norm3 → ff → +residual once on the fused states.
+        """
+
+        def __init__(self, window: int, stride: int, weighting: str):
+            super().__init__()
+            self.window = window
+            self.stride = stride
+            self.weighting = weighting
+
+        def new_forward(
+            self,
+            block,
+            hidden_states,
+            attention_mask=None,
+            encoder_hidden_states=None,
+            encoder_attention_mask=None,
+            timestep=None,
+            cross_attention_kwargs=None,
+            class_labels=None,
+            added_cond_kwargs=None,
+        ):
+            if hidden_states.ndim != 3:
+                raise ValueError(f"block fusion expects (B·H·W, F, C) input, got shape {tuple(hidden_states.shape)}")
+            if hidden_states.shape[1] <= self.window:  # one view: exactly the block's own forward
+                return self.fn_ref.original_forward(
+                    hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
+                    cross_attention_kwargs, class_labels, added_cond_kwargs,
+                )  # fmt: skip
+            if attention_mask is not None and not block.only_cross_attention:
+                raise ValueError("block fusion: a self-attention mask cannot be split into windows")
+            kwargs = dict(cross_attention_kwargs or {})
+            kwargs.pop("scale", None)
+            plan = fusion_plan(hidden_states.shape[1], self.window, self.stride, self.weighting)
+            acc = WindowAccumulator(plan, hidden_states, dim=1)
+            for i, (start, end) in enumerate(plan.views):
+                chunk = hidden_states[:, start:end]  # (N, L, C)
+                acc.add(i, _attention_part(block, chunk, attention_mask, encoder_hidden_states, encoder_attention_mask, kwargs))
+            return _feed_forward_part(block, acc.result())  # (N, F, C)
+
+    return _Hook
+
+
+_BLOCK_HOOK_CLASS = None
+
+
+def _BlockFusionModelHook(window: int, stride: int, weighting: str):  # noqa: N802 (acts as a class)
+    global _BLOCK_HOOK_CLASS
+    if _BLOCK_HOOK_CLASS is None:
+        _BLOCK_HOOK_CLASS = _make_block_hook_class()
+    return _BLOCK_HOOK_CLASS(window, stride, weighting)
+
+
+def _attention_part(block, x, attention_mask, encoder_hidden_states, encoder_attention_mask, kwargs) -> torch.Tensor:
+    """The block's attention half on one view, residuals included. ``(N, L, C) -> (N, L, C)``."""
+    h = block.norm1(x)
+    if block.pos_embed is not None:
+        h = block.pos_embed(h)  # adds pe[:, :L]: positions restart at 0 in every view
+    ehs = encoder_hidden_states if block.only_cross_attention else None
+    x = block.attn1(h, encoder_hidden_states=ehs, attention_mask=attention_mask, **kwargs) + x
+    if block.attn2 is not None:
+        h = block.norm2(x)
+        if block.pos_embed is not None:
+            h = block.pos_embed(h)
+        x = block.attn2(h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kwargs) + x
+    return x
+
+
+def _feed_forward_part(block, x: torch.Tensor) -> torch.Tensor:
+    """norm3 → ff (chunked if the block asks for it) → +residual. ``(N, F, C) -> (N, F, C)``."""
+    from diffusers.models.attention import _chunked_feed_forward
+
+    h = block.norm3(x)
+    if block._chunk_size is not None:
+        ff = _chunked_feed_forward(block.ff, h, block._chunk_dim, block._chunk_size)
+    else:
+        ff = block.ff(h)
+    return ff + x
+
+
+def _check_block(block: nn.Module) -> None:
+    """Block fusion reimplements the layer_norm path of BasicTransformerBlock only; refuse anything else."""
+    needed = ("norm1", "attn1", "norm3", "ff", "pos_embed", "only_cross_attention", "_chunk_size")
+    missing = [name for name in needed if not hasattr(block, name)]
+    if missing:
+        raise ValueError(f"block fusion needs a diffusers BasicTransformerBlock; {type(block).__name__} lacks {missing}")
+    if getattr(block, "norm_type", "layer_norm") != "layer_norm":
+        raise ValueError(f"block fusion supports norm_type='layer_norm' blocks only, got {block.norm_type!r}")
+    if hasattr(block, "fuser"):
+        raise ValueError("block fusion does not support GLIGEN (gated) transformer blocks")
+
+
+def _check_window(num_frames: int, window: int, stride: int) -> None:
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be ≥ 1, got {num_frames}")
+    if window < 1:
+        raise ValueError(f"window must be ≥ 1 frame, got {window}")
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be between 1 and window ({window}), got {stride}")

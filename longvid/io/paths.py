@@ -1,0 +1,196 @@
+"""Output names from templates, made safe, and the atomic-publish helpers every writer shares.
+
+Names are built from user text (prompts, recipe names), so every field is sanitised on its own and the
+joined name once more: whatever a prompt contains (``../../etc/passwd``, ``/abs``, ``a/b\\c``, control or
+bidi characters, emoji), the result is one plain file name that stays inside the output folder.
+
+Writers never create the final name directly. They write to a hidden temporary name in the same folder
+(same filesystem, so ``os.replace`` is atomic) and publish it only when the content is complete, so a
+crash, a preemption or Ctrl-C never leaves a truncated file that a later "skip existing" run would trust.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+import unicodedata
+from datetime import datetime
+from pathlib import Path
+
+from longvid.errors import OutputExistsError
+
+#: Fields a recipe's ``output.name`` template may use. Callers may pass extra ones to ``render_name``.
+TEMPLATE_FIELDS = ("recipe", "prompt", "seed", "frames", "width", "height", "date", "time", "index")
+
+#: Fallback when sanitising leaves nothing (empty prompt, only emoji, only dots).
+FALLBACK_NAME = "video"
+
+#: Cap on a whole rendered name in UTF-8 bytes: file systems allow 255, and the temporary name adds a
+#: dot, the pid, ``.partial`` and the extension twice.
+MAX_NAME_BYTES = 180
+
+_KEEP = frozenset("-_.")
+_DASH_RUNS = re.compile(r"-{2,}")
+_DOT_RUNS = re.compile(r"\.{2,}")
+
+
+def slug(text: object, max_len: int = 60) -> str:
+    """One safe file-name component from any text.
+
+    Keeps letters and digits (any script, NFKC-normalised so look-alikes such as full-width slashes or
+    ``²`` become their plain forms first) and ``-_.``; everything else, including whitespace, path
+    separators, control and bidi characters and emoji, becomes ``-``. Runs of dashes or dots collapse to
+    one, leading and trailing dots/dashes are stripped (no hidden files, no ``..``, nothing that looks
+    like a command-line option) and an empty result falls back to ``video``.
+    """
+    norm = unicodedata.normalize("NFKC", str(text))
+    mapped = "".join(ch if ch.isalnum() or ch in _KEEP else "-" for ch in norm)
+    collapsed = _DOT_RUNS.sub(".", _DASH_RUNS.sub("-", mapped))
+    cut = _truncate_bytes(collapsed.strip("-."), max_len, MAX_NAME_BYTES)
+    return cut.strip("-.") or FALLBACK_NAME
+
+
+def _truncate_bytes(text: str, max_chars: int, max_bytes: int) -> str:
+    """Cut to ``max_chars`` characters and ``max_bytes`` UTF-8 bytes without splitting a character."""
+    text = text[:max_chars]
+    while len(text.encode("utf-8")) > max_bytes:
+        text = text[:-1]
+    return text
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a ``str.format``-style template uses, in order; ``ValueError`` if malformed."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"invalid name template {template!r}: {err}") from None
+    return [field for _, field, _, _ in parsed if field is not None]
+
+
+def check_template(template: str, known: tuple[str, ...] | list[str] = TEMPLATE_FIELDS) -> None:
+    """Raise ``ValueError`` naming the first unknown field (and the known ones); for recipe validation."""
+    for field in template_fields(template):
+        if field not in known:
+            what = f"{{{field}}}" if field else "an empty field {}"
+            raise ValueError(
+                f"unknown field {what} in name template {template!r}; "
+                f"known fields: {', '.join('{' + k + '}' for k in known)}"
+            )
+
+
+def render_name(template: str, **fields: object) -> str:
+    """Fill a template such as ``"{recipe}_{prompt}_{seed}"`` and return a safe file name (no extension).
+
+    ``date`` and ``time`` default to now. Format specs work (``{index:04d}``). Every field value is passed
+    through ``slug(..., max_len=60)`` and the whole name through ``slug`` again, so the result never
+    contains a path separator whatever the template's literal text or the values are. Attribute or index
+    access (``{prompt.__class__}``) is rejected as an unknown field.
+    """
+    values = {**_now_fields(), **fields}
+    check_template(template, known=tuple(dict.fromkeys((*TEMPLATE_FIELDS, *fields))))
+    parts = []
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        parts.append(literal)
+        if field is not None:
+            parts.append(slug(_format_field(field, values, spec, conversion), max_len=60))
+    return slug("".join(parts), max_len=MAX_NAME_BYTES)
+
+
+def _now_fields() -> dict[str, str]:
+    now = datetime.now()
+    return {"date": now.strftime("%Y-%m-%d"), "time": now.strftime("%H%M%S")}
+
+
+def _format_field(field: str, values: dict[str, object], spec: str | None, conversion: str | None) -> str:
+    if field not in values:
+        raise ValueError(f"name template field {{{field}}} has no value here; pass {field}=...")
+    value = values[field]
+    if conversion == "r":
+        value = repr(value)
+    elif conversion in ("s", "a"):
+        value = str(value) if conversion == "s" else ascii(value)
+    try:
+        return format(value, spec or "")
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"name template field {{{field}:{spec}}} cannot format {value!r}: {err}") from None
+
+
+def output_path(out_dir: str | os.PathLike, template: str, ext: str = ".mp4", **fields: object) -> Path:
+    """Resolved path of a rendered name inside ``out_dir`` (created if missing).
+
+    The containment check after ``resolve()`` is a second line of defence behind ``slug``: it also
+    catches a name that exists as a symlink pointing outside the folder.
+    """
+    if not re.fullmatch(r"\.[A-Za-z0-9]{1,8}", ext):
+        raise ValueError(f"extension must look like '.mp4', got {ext!r}")
+    folder = Path(out_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    root = folder.resolve()
+    path = (root / (render_name(template, **fields) + ext)).resolve()
+    if not path.is_relative_to(root) or path.parent != root:
+        raise ValueError(f"output name {path.name!r} escapes the output folder {root}")
+    return path
+
+
+def partial_path(final: str | os.PathLike) -> Path:
+    """Hidden temporary name next to ``final`` that keeps its suffix (ffmpeg picks the container by it).
+
+    ``out/cat.mp4`` -> ``out/.cat.mp4.<pid>.partial.mp4``; the pid keeps two processes writing the same
+    name (a re-queued SLURM task) from sharing a temporary file.
+    """
+    final = Path(final)
+    return final.with_name(f".{final.name}.{os.getpid()}.partial{final.suffix}")
+
+
+def exists_error(path: str | os.PathLike) -> OutputExistsError:
+    """The one-line error for an output that is already there."""
+    return OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool) -> None:
+    """Fail early (before any work) if ``path`` exists and ``overwrite`` is off."""
+    if not overwrite and os.path.lexists(path):
+        raise exists_error(path)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a finished file to disk so the rename below never publishes an empty file after a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: str | os.PathLike, final: str | os.PathLike, *, overwrite: bool) -> None:
+    """Atomically move a complete temporary file onto its final name.
+
+    With ``overwrite`` this is ``os.replace``. Without it, ``os.link`` + unlink gives "create only if
+    absent" atomically, so a file that appeared after the early check (another worker) is never
+    clobbered; file systems without hard links fall back to check-then-replace. The temporary file is
+    removed in every case.
+    """
+    try:
+        if overwrite:
+            os.replace(tmp, final)
+            return
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            raise exists_error(final) from None
+        except OSError:
+            check_writable(final, overwrite=False)
+            os.replace(tmp, final)
+    finally:
+        remove_quietly(tmp)
+
+
+def remove_quietly(path: str | os.PathLike) -> None:
+    """Delete a file if it is there; cleanup must never mask the error that triggered it."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass

@@ -1,0 +1,77 @@
+"""Torch-free facts about each model family: defaults and the rules a recipe must satisfy before loading.
+
+These are read by ``longvid show`` / ``validate`` (which never import torch) and by the adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a recipe needs to know about a model family without loading it.
+
+    Attributes:
+        name: registry name.
+        description: one line for ``longvid models``.
+        temporal_stride: VAE temporal compression; frames must be ``stride*k + 1`` when > 1 (causal VAE).
+        spatial_multiple: height and width must be multiples of this (VAE stride x patch size).
+        native_frames: frames the model was trained on (the natural context window).
+        max_frames: the longest sequence the model can attend over at all without a long-video method
+            (AnimateDiff's motion-module positional table), or None when unbounded.
+        defaults: recipe values the family sets (layer 2 of the recipe layering).
+        cuda_dtype: the denoiser dtype on a GPU when the recipe leaves ``model.dtype`` unset (CPU: float32).
+    """
+
+    name: str
+    description: str
+    temporal_stride: int
+    spatial_multiple: int
+    native_frames: int
+    max_frames: int | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    cuda_dtype: str = "bfloat16"
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames for ``num_frames`` video frames (Wan: (F-1)/4 + 1)."""
+        if self.temporal_stride == 1:
+            return num_frames
+        return (num_frames - 1) // self.temporal_stride + 1
+
+    def frames_valid(self, num_frames: int) -> bool:
+        return num_frames >= 1 and (self.temporal_stride == 1 or (num_frames - 1) % self.temporal_stride == 0)
+
+    def nearest_frames(self, num_frames: int) -> tuple[int, int]:
+        """The valid frame counts just below and just above ``num_frames``."""
+        s = self.temporal_stride
+        below = max(1, (num_frames - 1) // s * s + 1)
+        return below, below + s
+
+
+WAN = FamilySpec(
+    name="wan",
+    description="Wan 2.1 / 2.2 text-to-video DiT (3D RoPE, causal 4x8 VAE); 2.2 A14B two-expert and TI2V-5B",
+    temporal_stride=4,
+    spatial_multiple=16,
+    native_frames=81,
+    defaults={
+        "video": {"num_frames": 81, "height": 480, "width": 832, "fps": 16},
+        "sampler": {"steps": 50, "guidance_scale": 5.0, "max_sequence_length": 512},
+    },
+)
+
+ANIMATEDIFF = FamilySpec(
+    name="animatediff",
+    description="AnimateDiff: Stable Diffusion 1.5 UNet + MotionAdapter temporal attention (16 frames)",
+    temporal_stride=1,
+    spatial_multiple=8,
+    native_frames=16,
+    max_frames=32,
+    cuda_dtype="float16",
+    defaults={
+        "video": {"num_frames": 16, "height": 512, "width": 512, "fps": 8},
+        "sampler": {"steps": 25, "guidance_scale": 7.5, "max_sequence_length": 77, "scheduler": "DDIMScheduler"},
+    },
+)

@@ -1,0 +1,133 @@
+"""The recipe schema: typed, torch-free dataclasses read with ``OmegaConf.structured``.
+
+A recipe names a base model, the methods, the frame count, the resolution, the sampler and the output.
+Layering (later wins): these schema defaults < the model family's defaults < the recipe YAML < typed CLI
+options < ``key=value`` overrides (see :mod:`longvid.recipe.resolve`). ``None`` means "the model family
+decides". Methods and stages are mappings keyed by name so that ``methods.freelong.d_s=0.3`` merges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal, Optional
+
+from omegaconf import MISSING
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load, and how."""
+
+    family: str = MISSING
+    """Model family from the registry (``longvid models``): ``wan`` or ``animatediff``."""
+    path: str = MISSING
+    """Hub id (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``), a local diffusers directory, or ``tiny:<family>``
+    for the built-in random-weight demo model."""
+    motion_adapter: Optional[str] = None
+    """AnimateDiff only: MotionAdapter hub id or directory. None when ``path`` is a saved AnimateDiff pipeline."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) to load."""
+    dtype: Optional[Dtype] = None
+    """Denoiser dtype (transformer / UNet). None = float32 on CPU; on a GPU bfloat16 (Wan) or float16 (AnimateDiff)."""
+    text_encoder_dtype: Optional[Dtype] = None
+    """Text-encoder dtype. None = same as ``dtype``."""
+    vae_dtype: Optional[Dtype] = None
+    """VAE dtype. None = float32 (Wan's model card recommends an fp32 VAE; decode memory is small)."""
+    local_files_only: bool = False
+    """Never reach the network; a model missing from the local cache is an error."""
+
+
+@dataclass
+class VideoConfig:
+    """What to generate."""
+
+    num_frames: Optional[int] = None
+    """Frames of the output video. Wan needs 4k+1. None = the model's native length."""
+    height: Optional[int] = None
+    """Pixels; a multiple of 16 for Wan, 8 for AnimateDiff. None = family default."""
+    width: Optional[int] = None
+    """Pixels; see ``height``."""
+    fps: Optional[int] = None
+    """Frame rate written into the MP4. None = the model's native rate."""
+
+
+@dataclass
+class SamplerConfig:
+    """The denoising loop."""
+
+    steps: Optional[int] = None
+    """Number of denoising steps. None = family default."""
+    guidance_scale: Optional[float] = None
+    """Classifier-free guidance scale (1 disables CFG). None = family default."""
+    guidance_scale_2: Optional[float] = None
+    """Wan 2.2 two-expert models: guidance for the low-noise expert. None = ``guidance_scale``."""
+    scheduler: Optional[str] = None
+    """A diffusers scheduler class name (``UniPCMultistepScheduler``, ``DDIMScheduler``, ...), built from the
+    model's scheduler config. None = the model's own scheduler."""
+    flow_shift: Optional[float] = None
+    """Flow-matching shift (Wan: 3.0 at 480p, 5.0 at 720p). None = the model's scheduler config."""
+    eta: float = 0.0
+    """DDIM eta (AnimateDiff)."""
+    max_sequence_length: Optional[int] = None
+    """Text tokens per prompt (Wan 512, CLIP 77). None = family default."""
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how to run."""
+
+    device: str = "auto"
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    threads: Optional[int] = None
+    """CPU threads for torch. None = torch's default."""
+    offload: Literal["none", "model", "sequential"] = "none"
+    """Move idle components to the CPU (``model``) to save GPU memory."""
+    decode_chunk: int = 16
+    """Frames per VAE decode batch for 2D VAEs (AnimateDiff). Wan decodes one latent frame at a time."""
+
+
+@dataclass
+class OutputConfig:
+    """Where the MP4 and its JSON sidecar go."""
+
+    dir: str = "outputs"
+    """Output folder (created if missing)."""
+    name: str = "{recipe}-{prompt}-{seed}"
+    """File-name template. Fields: {recipe} {prompt} {seed} {frames} {width} {height} {date} {time}."""
+    codec: Literal["libx264", "libx265", "ffv1"] = "libx264"
+    """Video codec. ``ffv1`` writes a lossless ``.mkv`` (for metrics)."""
+    crf: int = 18
+    """Constant rate factor (lower = better, 0-51) for libx264/libx265."""
+    preset: str = "medium"
+    """x264/x265 speed preset."""
+    overwrite: bool = False
+    """Replace an existing file of the same name (else it is an error)."""
+    save_latents: bool = False
+    """Also save the final latents as ``<name>.latents.pt``."""
+
+
+@dataclass
+class Recipe:
+    """A whole generation."""
+
+    name: str = ""
+    """Recipe name (used in output names). Set from the file name when empty."""
+    description: str = ""
+    """One line on what this recipe does."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    prompt: Any = ""
+    """A prompt, or ``{frame: prompt}`` for multi-prompt methods (FreeNoise)."""
+    negative_prompt: str = ""
+    """Negative prompt for classifier-free guidance."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    seed: int = 0
+    """Seed of the torch generator that draws the initial noise (and any method randomness)."""
+    methods: Dict[str, Any] = field(default_factory=dict)
+    """Long-video methods keyed by name (``longvid methods``), each with its own settings; null disables one."""
+    stages: Dict[str, Any] = field(default_factory=dict)
+    """Reserved for coarse-to-fine plans (native -> upsample -> refine); no stage type is available yet."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

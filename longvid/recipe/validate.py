@@ -1,0 +1,123 @@
+"""Cross-field checks on a typed recipe, before any weights load. Each returns :class:`Problem`s."""
+
+from __future__ import annotations
+
+import re
+
+from longvid import registry
+from longvid.errors import Problem
+from longvid.recipe.schema import Recipe
+
+
+def validate(recipe: Recipe) -> list[Problem]:
+    """Every problem of a merged recipe: family rules, ranges, prompts, methods and their conflicts."""
+    problems: list[Problem] = []
+    family = recipe.model.family
+    if family not in registry.MODELS:
+        return [Problem("model.family", f"unknown model family '{family}'{registry.suggest(family, registry.MODELS)}; "
+                                        f"known: {', '.join(registry.MODELS)}")]
+    spec = registry.model_spec(family)
+    problems += _check_video(recipe, spec)
+    problems += _check_ranges(recipe)
+    problems += _check_prompt(recipe)
+    problems += _check_methods(recipe, spec)
+    if recipe.stages:
+        problems.append(Problem("stages", "no coarse-to-fine stage type is available yet; remove the stages entry"))
+    return problems
+
+
+def _check_video(recipe: Recipe, spec) -> list[Problem]:
+    problems = []
+    video = recipe.video
+    frames = video.num_frames
+    if frames is not None and frames < 1:
+        problems.append(Problem("video.num_frames", f"must be at least 1, got {frames}"))
+    elif frames is not None and not spec.frames_valid(frames):
+        below, above = spec.nearest_frames(frames)
+        problems.append(Problem("video.num_frames", f"{spec.name} needs {spec.temporal_stride}k+1 frames, "
+                                                     f"got {frames} (nearest: {below} or {above})"))
+    for axis in ("height", "width"):
+        size = getattr(video, axis)
+        m = spec.spatial_multiple
+        if size is not None and (size < m or size % m):
+            lower, upper = max(m, size // m * m), (size // m + 1) * m
+            problems.append(Problem(f"video.{axis}", f"{spec.name} needs a multiple of {m}, got {size} "
+                                                     f"(nearest: {lower} or {upper})"))
+    if video.fps is not None and video.fps <= 0:
+        problems.append(Problem("video.fps", f"must be positive, got {video.fps}"))
+    if spec.max_frames and frames and frames > spec.max_frames:
+        long_methods = [n for n in recipe.methods if registry.method_class(n).long_video]
+        if not long_methods:
+            known = [n for n in registry.METHODS if spec.name in registry.method_class(n).families]
+            fix = f"add a long-video method, e.g. methods.{known[0]}={{}} or --recipe {known[0]}-{spec.name}-64" \
+                if known else f"use at most {spec.max_frames} frames"
+            problems.append(Problem("video.num_frames", f"{frames} frames exceed {spec.name}'s motion-module "
+                                                         f"limit of {spec.max_frames}; {fix}"))
+    return problems
+
+
+def _check_ranges(recipe: Recipe) -> list[Problem]:
+    problems = []
+    s = recipe.sampler
+    if s.steps is not None and s.steps < 1:
+        problems.append(Problem("sampler.steps", f"must be at least 1, got {s.steps}"))
+    for key in ("guidance_scale", "guidance_scale_2", "flow_shift"):
+        value = getattr(s, key)
+        if value is not None and value < 0:
+            problems.append(Problem(f"sampler.{key}", f"must be >= 0, got {value}"))
+    if not 0 <= s.eta <= 1:
+        problems.append(Problem("sampler.eta", f"must be in [0, 1], got {s.eta}"))
+    if s.max_sequence_length is not None and s.max_sequence_length < 1:
+        problems.append(Problem("sampler.max_sequence_length", f"must be positive, got {s.max_sequence_length}"))
+    if not 0 <= recipe.output.crf <= 51:
+        problems.append(Problem("output.crf", f"must be in [0, 51] (lower = better), got {recipe.output.crf}"))
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", recipe.runtime.device):
+        problems.append(Problem("runtime.device", f"expected auto, cpu, cuda or cuda:N, got '{recipe.runtime.device}'"))
+    if recipe.runtime.threads is not None and recipe.runtime.threads < 1:
+        problems.append(Problem("runtime.threads", f"must be at least 1, got {recipe.runtime.threads}"))
+    if recipe.runtime.decode_chunk < 1:
+        problems.append(Problem("runtime.decode_chunk", f"must be at least 1, got {recipe.runtime.decode_chunk}"))
+    if recipe.seed < 0:
+        problems.append(Problem("seed", f"must be >= 0, got {recipe.seed}"))
+    return problems
+
+
+def _check_prompt(recipe: Recipe) -> list[Problem]:
+    prompt = recipe.prompt
+    if prompt is None or isinstance(prompt, str):
+        return []
+    if not isinstance(prompt, dict) or not prompt:
+        return [Problem("prompt", "expected a string or a mapping {frame: prompt}")]
+    problems = []
+    try:
+        frames = sorted(int(k) for k in prompt)
+    except (TypeError, ValueError):
+        return [Problem("prompt", f"multi-prompt keys must be frame numbers, got {sorted(map(str, prompt))}")]
+    if frames[0] != 0:
+        problems.append(Problem("prompt", f"multi-prompt needs a prompt at frame 0 (first key is {frames[0]})"))
+    n = recipe.video.num_frames
+    if n is not None and frames[-1] >= n:
+        problems.append(Problem("prompt", f"prompt key {frames[-1]} is beyond the last frame ({n - 1})"))
+    if any(not isinstance(v, str) for v in prompt.values()):
+        problems.append(Problem("prompt", "every multi-prompt value must be a string"))
+    if not any(registry.method_class(m).multi_prompt for m in recipe.methods):
+        known = [m for m in registry.METHODS if registry.method_class(m).multi_prompt]
+        problems.append(Problem("prompt", "a {frame: prompt} mapping needs a multi-prompt method"
+                                          + (f" (methods.{known[0]})" if known else "")))
+    return problems
+
+
+def _check_methods(recipe: Recipe, spec) -> list[Problem]:
+    problems = []
+    names = list(recipe.methods)
+    for name in names:
+        cls = registry.method_class(name)
+        if spec.name not in cls.families:
+            problems.append(Problem(f"methods.{name}", f"does not support {spec.name} "
+                                                       f"(supports: {', '.join(sorted(cls.families))})"))
+            continue
+        for other in names[names.index(name) + 1:]:
+            if other in cls.conflicts or name in registry.method_class(other).conflicts:
+                problems.append(Problem(f"methods.{name}", f"conflicts with methods.{other}; remove one"))
+        problems += [Problem(k, m) for k, m in cls.check(recipe.methods[name], recipe, spec)]
+    return problems
