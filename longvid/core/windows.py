@@ -18,11 +18,13 @@ weight slice ``w[-k:]`` (diffusers: one scalar ``w[-k]``, which mis-scales 2- an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention import _chunked_feed_forward
 from torch import nn
 
 WEIGHTINGS = ("pyramid", "flat", "delayed_reverse_sawtooth")
@@ -71,8 +73,10 @@ def window_weights(length: int, scheme: str = "pyramid") -> torch.Tensor:
         rise = list(range(1, half + 1))
         weights = rise + [half + 1] * odd + rise[::-1]
     elif scheme == "delayed_reverse_sawtooth":
-        peak = half + odd  # m for even n = 2m, m+1 for odd n = 2m+1
-        weights = [0.01] * (length - peak - 1 + odd) + [float(peak)] * (1 - odd) + list(range(peak, 0, -1))
+        if odd:  # n = 2m+1: [0.01]*m + [m+1, …, 1]
+            weights = [0.01] * half + list(range(half + 1, 0, -1))
+        else:  # n = 2m: [0.01]*(m-1) + [m] + [m, …, 1]
+            weights = [0.01] * (half - 1) + [half] + list(range(half, 0, -1))
     else:
         raise ValueError(f"unknown weighting {scheme!r}; choose one of {', '.join(WEIGHTINGS)}")
     assert len(weights) == length
@@ -96,6 +100,14 @@ class FusionPlan:
     weights: tuple[torch.Tensor, ...]
     counts: torch.Tensor
     normalized: tuple[torch.Tensor, ...]
+    _cast: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def normalized_as(self, index: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``normalized[index]`` on ``device``/``dtype``, cached so a denoising loop copies it to the GPU once."""
+        key = (index, device, dtype)
+        if key not in self._cast:
+            self._cast[key] = self.normalized[index].to(device=device, dtype=dtype)
+        return self._cast[key]
 
 
 @lru_cache(maxsize=64)
@@ -103,17 +115,13 @@ def fusion_plan(num_frames: int, window: int, stride: int, scheme: str = "pyrami
     """Views, per-view weights and per-frame weight sums for ``num_frames`` frames (cached; do not mutate)."""
     views = context_views(num_frames, window, stride)
     base = window_weights(min(window, num_frames), scheme)  # (L,)
+    weights = [base.clone() for _ in views]
+    if len(views) > 1 and views[-1][0] % stride != 0:  # a tail view: it only fills the k uncovered frames
+        uncovered = num_frames - views[-2][1]  # k
+        weights[-1][: window - uncovered] = 0.0  # keeps w[-k:] on the last k frames
     counts = torch.zeros(num_frames, dtype=torch.float64)  # (F,)
-    weights = []
-    covered = 0  # frames [0, covered) are covered by earlier views
-    for start, end in views:
-        w = base.clone()
-        fresh = end - max(start, covered)  # frames of this view no earlier view covers
-        if start < covered:  # the tail view: it only fills the uncovered frames, with weights w[-k:]
-            w[: end - start - fresh] = 0.0
+    for w, (start, end) in zip(weights, views):
         counts[start:end] += w
-        weights.append(w)
-        covered = end
     normalized = tuple(w / counts[s:e] for w, (s, e) in zip(weights, views))
     return FusionPlan(tuple(views), tuple(weights), counts, normalized)
 
@@ -145,7 +153,7 @@ class WindowAccumulator:
     def add(self, index: int, out: torch.Tensor) -> None:
         """Add view ``index``'s output, ``out`` having the view's frames along ``dim``."""
         start, end = self.plan.views[index]
-        w = self.plan.normalized[index].to(device=out.device, dtype=out.dtype)  # (L,)
+        w = self.plan.normalized_as(index, out.device, out.dtype)  # (L,)
         w = w.view([-1 if d == self.dim else 1 for d in range(out.ndim)])  # broadcast along the frame dim
         self.total.narrow(self.dim, start, end - start).add_(out * w)
 
@@ -280,10 +288,64 @@ def _linear_part(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class BlockFusionHook:
-    """Removable handle returned by :func:`apply_block_fusion`; ``remove()`` restores the block."""
+class BlockFusionHook(ModelHook):
+    """Adapted from diffusers==0.42.1 FreeNoiseTransformerBlock.forward (change: tail weights w[-k:],
+    F ≤ window = vanilla).
 
-    def __init__(self, block: nn.Module, hook):
+    Per view: norm1 → pos_embed (window-local) → attn1 → +residual → norm2 → pos_embed → attn2 → +residual;
+    the views' states are weight-averaged per frame; then norm3 → ff → +residual once on the fused states.
+    ``F ≤ window`` calls the block's own forward, so it is bit-identical to vanilla.
+    """
+
+    def __init__(self, window: int = 16, stride: int = 4, weighting: str = "pyramid"):
+        super().__init__()
+        _check_window(1, window, stride)
+        window_weights(window, weighting)  # validates the scheme name early
+        self.window = window
+        self.stride = stride
+        self.weighting = weighting
+
+    def new_forward(
+        self,
+        block,
+        hidden_states,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        timestep=None,
+        cross_attention_kwargs=None,
+        class_labels=None,
+        added_cond_kwargs=None,
+    ):
+        if hidden_states.ndim != 3:
+            raise ValueError(f"block fusion expects (B·H·W, F, C) input, got shape {tuple(hidden_states.shape)}")
+        if hidden_states.shape[1] <= self.window:  # one view: exactly the block's own forward
+            return self.fn_ref.original_forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                timestep=timestep,
+                cross_attention_kwargs=cross_attention_kwargs,
+                class_labels=class_labels,
+                added_cond_kwargs=added_cond_kwargs,
+            )
+        if attention_mask is not None and not block.only_cross_attention:
+            raise ValueError("block fusion: a self-attention mask cannot be split into windows")
+        kwargs = dict(cross_attention_kwargs or {})
+        kwargs.pop("gligen", None)
+        plan = fusion_plan(hidden_states.shape[1], self.window, self.stride, self.weighting)
+        acc = WindowAccumulator(plan, hidden_states, dim=1)
+        for i, (start, end) in enumerate(plan.views):
+            chunk = hidden_states[:, start:end]  # (N, L, C)
+            acc.add(i, _attention_part(block, chunk, attention_mask, encoder_hidden_states, encoder_attention_mask, kwargs))
+        return _feed_forward_part(block, acc.result())  # (N, F, C)
+
+
+class BlockFusionHandle:
+    """Returned by :func:`apply_block_fusion`; ``remove()`` restores the block (idempotent)."""
+
+    def __init__(self, block: nn.Module, hook: BlockFusionHook):
         self.block = block
         self.hook = hook
 
@@ -291,23 +353,19 @@ class BlockFusionHook:
         remove_block_fusion(self.block)
 
 
-def apply_block_fusion(block: nn.Module, window: int = 16, stride: int = 4, weighting: str = "pyramid") -> BlockFusionHook:
+def apply_block_fusion(block: nn.Module, window: int = 16, stride: int = 4, weighting: str = "pyramid") -> BlockFusionHandle:
     """Install FreeNoise block-level window fusion on a diffusers ``BasicTransformerBlock``.
 
     The block must see ``(B·H·W, F, C)`` input (AnimateDiff motion-module blocks). Semantics are those of
     diffusers' ``FreeNoiseTransformerBlock`` with the tail-weight fix and a vanilla path for ``F ≤ window``
-    (see :class:`_BlockFusionModelHook`), installed as a diffusers ``ModelHook`` named
-    :data:`BLOCK_HOOK_NAME` instead of swapping modules, so it composes with other hooks and removes cleanly.
+    (:class:`BlockFusionHook`), installed as a diffusers ``ModelHook`` named :data:`BLOCK_HOOK_NAME` instead
+    of swapping modules, so weights stay shared, other hooks compose, and removal restores the block exactly.
+    Callers holding a parent ``HookRegistry`` should call its ``invalidate_child_registries_cache()``.
     """
-    from diffusers.hooks import HookRegistry
-
     _check_block(block)
-    _check_window(1, window, stride)
-    window_weights(window, weighting)
-    hook = _BlockFusionModelHook(window, stride, weighting)
-    registry = HookRegistry.check_if_exists_or_initialize(block)
-    registry.register_hook(hook, BLOCK_HOOK_NAME)
-    return BlockFusionHook(block, hook)
+    hook = BlockFusionHook(window, stride, weighting)
+    HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, BLOCK_HOOK_NAME)
+    return BlockFusionHandle(block, hook)
 
 
 def remove_block_fusion(block: nn.Module) -> None:
@@ -315,67 +373,6 @@ def remove_block_fusion(block: nn.Module) -> None:
     registry = getattr(block, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(BLOCK_HOOK_NAME) is not None:
         registry.remove_hook(BLOCK_HOOK_NAME, recurse=False)
-
-
-def _make_block_hook_class():
-    """Build the ModelHook subclass lazily, so importing this module does not import diffusers.hooks."""
-    from diffusers.hooks import ModelHook
-
-    class _Hook(ModelHook):
-        """Adapted from diffusers==0.42.1 FreeNoiseTransformerBlock.forward (change: tail weights w[-k:],
-        F ≤ window = vanilla).
-
-        Per view: norm1 → pos_embed (window-local) → attn1 → +residual → norm2 → pos_embed → attn2 → +residual;
-        the views' states are weight-averaged per frame; then norm3 → ff → +residual once on the fused states.
-        """
-
-        def __init__(self, window: int, stride: int, weighting: str):
-            super().__init__()
-            self.window = window
-            self.stride = stride
-            self.weighting = weighting
-
-        def new_forward(
-            self,
-            block,
-            hidden_states,
-            attention_mask=None,
-            encoder_hidden_states=None,
-            encoder_attention_mask=None,
-            timestep=None,
-            cross_attention_kwargs=None,
-            class_labels=None,
-            added_cond_kwargs=None,
-        ):
-            if hidden_states.ndim != 3:
-                raise ValueError(f"block fusion expects (B·H·W, F, C) input, got shape {tuple(hidden_states.shape)}")
-            if hidden_states.shape[1] <= self.window:  # one view: exactly the block's own forward
-                return self.fn_ref.original_forward(
-                    hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
-                    cross_attention_kwargs, class_labels, added_cond_kwargs,
-                )  # fmt: skip
-            if attention_mask is not None and not block.only_cross_attention:
-                raise ValueError("block fusion: a self-attention mask cannot be split into windows")
-            kwargs = dict(cross_attention_kwargs or {})
-            kwargs.pop("scale", None)
-            plan = fusion_plan(hidden_states.shape[1], self.window, self.stride, self.weighting)
-            acc = WindowAccumulator(plan, hidden_states, dim=1)
-            for i, (start, end) in enumerate(plan.views):
-                chunk = hidden_states[:, start:end]  # (N, L, C)
-                acc.add(i, _attention_part(block, chunk, attention_mask, encoder_hidden_states, encoder_attention_mask, kwargs))
-            return _feed_forward_part(block, acc.result())  # (N, F, C)
-
-    return _Hook
-
-
-_BLOCK_HOOK_CLASS = None
-
-
-def _BlockFusionModelHook(window: int, stride: int, weighting: str):  # noqa: N802 (acts as a class)
-    global _BLOCK_HOOK_CLASS
-    if _BLOCK_HOOK_CLASS is None:
-        _BLOCK_HOOK_CLASS = _make_block_hook_class()
-    return _BLOCK_HOOK_CLASS(window, stride, weighting)
 
 
 def _attention_part(block, x, attention_mask, encoder_hidden_states, encoder_attention_mask, kwargs) -> torch.Tensor:
@@ -395,8 +392,6 @@ def _attention_part(block, x, attention_mask, encoder_hidden_states, encoder_att
 
 def _feed_forward_part(block, x: torch.Tensor) -> torch.Tensor:
     """norm3 → ff (chunked if the block asks for it) → +residual. ``(N, F, C) -> (N, F, C)``."""
-    from diffusers.models.attention import _chunked_feed_forward
-
     h = block.norm3(x)
     if block._chunk_size is not None:
         ff = _chunked_feed_forward(block.ff, h, block._chunk_dim, block._chunk_size)

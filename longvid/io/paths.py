@@ -83,18 +83,38 @@ def render_name(template: str, **fields: object) -> str:
     """Fill a template such as ``"{recipe}_{prompt}_{seed}"`` and return a safe file name (no extension).
 
     ``date`` and ``time`` default to now. Format specs work (``{index:04d}``). Every field value is passed
-    through ``slug(..., max_len=60)`` and the whole name through ``slug`` again, so the result never
+    through ``slug(..., max_len=60)``, the longest values are shortened if the name would exceed
+    ``MAX_NAME_BYTES``, and the whole name goes through ``slug`` again, so the result never
     contains a path separator whatever the template's literal text or the values are. Attribute or index
     access (``{prompt.__class__}``) is rejected as an unknown field.
     """
     values = {**_now_fields(), **fields}
     check_template(template, known=tuple(dict.fromkeys((*TEMPLATE_FIELDS, *fields))))
-    parts = []
-    for literal, field, spec, conversion in string.Formatter().parse(template):
-        parts.append(literal)
-        if field is not None:
-            parts.append(slug(_format_field(field, values, spec, conversion), max_len=60))
-    return slug("".join(parts), max_len=MAX_NAME_BYTES)
+    parsed = list(string.Formatter().parse(template))
+    literals = [literal for literal, _, _, _ in parsed]
+    rendered = [
+        slug(_format_field(field, values, spec, conv), max_len=60) if field is not None else ""
+        for _, field, spec, conv in parsed
+    ]
+    _fit_bytes(literals, rendered, MAX_NAME_BYTES)
+    return slug("".join(lit + val for lit, val in zip(literals, rendered)), max_len=MAX_NAME_BYTES)
+
+
+def _fit_bytes(literals: list[str], rendered: list[str], limit: int) -> None:
+    """Shorten the longest field values (in place) until the name fits ``limit`` UTF-8 bytes.
+
+    Trimming the longest field (usually the prompt) rather than the end of the name keeps short,
+    distinguishing fields such as ``{seed}`` or ``{index}`` that often come last.
+    """
+    def size() -> int:
+        return sum(len(t.encode("utf-8")) for t in (*literals, *rendered))
+
+    while size() > limit:
+        trimmable = [k for k, v in enumerate(rendered) if len(v) > 1]
+        if not trimmable:
+            return  # only the literal text is too long; the final slug() cuts it
+        i = max(trimmable, key=lambda k: len(rendered[k].encode("utf-8")))
+        rendered[i] = rendered[i][:-1].rstrip("-.") or rendered[i][:1]  # strictly shorter: always ends
 
 
 def _now_fields() -> dict[str, str]:

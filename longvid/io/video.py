@@ -235,7 +235,6 @@ class VideoWriter:
             except Exception as err:  # cleanup must not mask the error that caused it
                 log.warning("error while stopping ffmpeg: %s", err)
         _wait_dead(self._proc)
-        remove_quietly(self.tmp_path)
 
 
 def _check_fps(fps: float | Fraction) -> float | Fraction:
@@ -279,8 +278,8 @@ def read_video_meta(path: str | os.PathLike) -> dict[str, Any]:
         gen.close()
     frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
     width, height = meta["size"]
-    return {"frames": frames, "width": width, "height": height, "fps": meta["fps"],
-            "codec": str(meta.get("codec", "")).rstrip(",")}  # imageio-ffmpeg leaves ffmpeg's comma
+    codec = str(meta.get("codec", "")).rstrip(",")  # imageio-ffmpeg keeps the comma from ffmpeg's log
+    return {"frames": frames, "width": width, "height": height, "fps": meta["fps"], "codec": codec}
 
 
 def read_video_frames(path: str | os.PathLike) -> np.ndarray:

@@ -23,6 +23,8 @@ class FamilySpec:
             (AnimateDiff's motion-module positional table), or None when unbounded.
         defaults: recipe values the family sets (layer 2 of the recipe layering).
         cuda_dtype: the denoiser dtype on a GPU when the recipe leaves ``model.dtype`` unset (CPU: float32).
+        vae_spatial, latent_channels, patch_spatial: geometry for ``--dry-run`` estimates (the standard
+            checkpoints; Wan 2.2 TI2V-5B compresses 16x spatially with 48 channels).
     """
 
     name: str
@@ -33,6 +35,9 @@ class FamilySpec:
     max_frames: int | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     cuda_dtype: str = "bfloat16"
+    vae_spatial: int = 8
+    latent_channels: int = 16
+    patch_spatial: int = 1
 
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames for ``num_frames`` video frames (Wan: (F-1)/4 + 1)."""
@@ -56,6 +61,7 @@ WAN = FamilySpec(
     temporal_stride=4,
     spatial_multiple=16,
     native_frames=81,
+    patch_spatial=2,
     defaults={
         "video": {"num_frames": 81, "height": 480, "width": 832, "fps": 16},
         "sampler": {"steps": 50, "guidance_scale": 5.0, "max_sequence_length": 512},
@@ -70,8 +76,13 @@ ANIMATEDIFF = FamilySpec(
     native_frames=16,
     max_frames=32,
     cuda_dtype="float16",
+    latent_channels=4,
     defaults={
         "video": {"num_frames": 16, "height": 512, "width": 512, "fps": 8},
         "sampler": {"steps": 25, "guidance_scale": 7.5, "max_sequence_length": 77, "scheduler": "DDIMScheduler"},
     },
 )
+
+
+#: ``model.path: tiny:<variant>`` -> family of the built-in random-weight model (see models/tiny.py)
+TINY_VARIANTS = {"wan": "wan", "wan2.2-a14b": "wan", "wan2.2-ti2v": "wan", "animatediff": "animatediff"}

@@ -17,6 +17,7 @@ def validate(recipe: Recipe) -> list[Problem]:
         return [Problem("model.family", f"unknown model family '{family}'{registry.suggest(family, registry.MODELS)}; "
                                         f"known: {', '.join(registry.MODELS)}")]
     spec = registry.model_spec(family)
+    problems += _check_model(recipe)
     problems += _check_video(recipe, spec)
     problems += _check_ranges(recipe)
     problems += _check_prompt(recipe)
@@ -24,6 +25,21 @@ def validate(recipe: Recipe) -> list[Problem]:
     if recipe.stages:
         problems.append(Problem("stages", "no coarse-to-fine stage type is available yet; remove the stages entry"))
     return problems
+
+
+def _check_model(recipe: Recipe) -> list[Problem]:
+    from longvid.models.specs import TINY_VARIANTS
+
+    path, family = recipe.model.path, recipe.model.family
+    if not path.startswith("tiny:"):
+        return []
+    variant = path.removeprefix("tiny:")
+    if variant not in TINY_VARIANTS:
+        return [Problem("model.path", f"no built-in tiny model '{variant}'{registry.suggest(variant, TINY_VARIANTS)}; "
+                                      f"known: {', '.join('tiny:' + v for v in TINY_VARIANTS)}")]
+    if TINY_VARIANTS[variant] != family:
+        return [Problem("model.path", f"{path} is a {TINY_VARIANTS[variant]} model but model.family is {family}")]
+    return []
 
 
 def _check_video(recipe: Recipe, spec) -> list[Problem]:

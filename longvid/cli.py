@@ -1,0 +1,269 @@
+"""The ``longvid`` command line: thin Typer commands over :mod:`longvid.recipe` and :mod:`longvid.runner`.
+
+Heavy imports (torch, diffusers) happen only inside the commands that run a model, so ``show``,
+``validate``, ``recipes``, ``models`` and ``methods`` answer instantly. Every user error is one line on
+stderr and exit code 2; ``LONGVID_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from longvid.errors import LongvidError, Problem, RecipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Long and high-resolution video generation with existing video diffusion models.")
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+RecipeArg = Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name or a YAML path.")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. video.num_frames=81.",
+                                                          show_default=False)]
+
+
+def friendly(fn):
+    """Print a ``LongvidError`` as one line and exit 2 (traceback with LONGVID_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LongvidError as e:
+            if os.environ.get("LONGVID_DEBUG") not in (None, "", "0"):
+                raise
+            err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; no partial output was kept")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _prompt_at(items: list[str] | None) -> dict[int, str] | None:
+    """``--prompt-at 0:"a lake" --prompt-at 48:"a storm"`` -> {0: ..., 48: ...}."""
+    if not items:
+        return None
+    prompts = {}
+    for item in items:
+        frame, sep, text = item.partition(":")
+        if not sep or not frame.strip().isdigit() or not text.strip():
+            raise RecipeError([Problem("--prompt-at", f"expected FRAME:TEXT like 0:\"a calm lake\", got {item!r}")])
+        prompts[int(frame)] = text
+    return prompts
+
+
+def _options(prompt, prompt_at, negative, seed, out_dir, name, overwrite) -> dict[str, Any]:
+    if prompt is not None and prompt_at:
+        raise RecipeError([Problem("--prompt", "use either --prompt or --prompt-at, not both")])
+    return {"prompt": _prompt_at(prompt_at) or prompt, "negative_prompt": negative, "seed": seed,
+            "output.dir": out_dir, "output.name": name, "output.overwrite": True if overwrite else None}
+
+
+@app.command()
+@friendly
+def generate(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt (exact text).")] = None,
+    prompt_at: Annotated[Optional[list[str]], typer.Option(
+        "--prompt-at", help="Multi-prompt keyframe FRAME:TEXT; repeat for each keyframe.")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", "-n")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", "-s")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (output.dir).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Output name template (output.name).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and shapes; load nothing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar JSON to stdout.")] = False,
+):
+    """Generate a video from a recipe.
+
+    \b
+    Examples:
+      longvid generate --recipe demo
+      longvid generate --recipe wan-t2v-1.3b --prompt "a red fox running through snow" --seed 7
+      longvid generate --recipe ./my.yaml video.num_frames=81 sampler.steps=30 --out outputs/
+    """
+    from longvid.recipe.resolve import resolve, to_yaml
+
+    resolved = resolve(recipe, overrides or [], _options(prompt, prompt_at, negative_prompt, seed, out_dir, name,
+                                                         overwrite))
+    if dry_run:
+        out.print(to_yaml(resolved), end="")
+        out.print(_shape_summary(resolved))
+        return
+    _quiet_libraries()
+    from longvid.runner import generate as run
+
+    if quiet or as_json:
+        result = run(resolved)
+    else:
+        with _progress() as progress:
+            result = run(resolved, progress=progress)
+    if as_json:
+        print(json.dumps(result.sidecar, indent=2))
+    elif not quiet:
+        seconds = result.sidecar["timings"]["total_s"]
+        err.print(f"wrote {result.path} ({resolved.video.num_frames} frames, {seconds:.1f} s)")
+        if resolved.model.path.startswith("tiny:"):
+            err.print("note: this video comes from a random-weight demo model; it shows noise, not the prompt")
+
+
+@app.command()
+@friendly
+def show(recipe: Annotated[str, typer.Argument(help="Built-in recipe name or YAML path.")],
+         overrides: Overrides = None):
+    """Print the resolved recipe (all layers applied). Loads no model.
+
+    \b
+    Example:
+      longvid show wan-t2v-1.3b sampler.guidance_scale=6
+    """
+    from longvid.recipe.resolve import resolve, to_yaml
+
+    out.print(to_yaml(resolve(recipe, overrides or [])), end="")
+
+
+@app.command()
+@friendly
+def validate(paths: Annotated[list[Path], typer.Argument(help="Recipe files or folders (searched recursively).")]):
+    """Check recipes without loading any model; exit 2 if any is invalid.
+
+    \b
+    Example:
+      longvid validate configs/
+    """
+    from longvid.recipe.resolve import resolve
+
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise RecipeError([Problem("paths", f"no such file or folder: {path}")])
+    bad = 0
+    for file in files:
+        try:
+            resolve(str(file))
+            out.print(f"ok       {file}")
+        except LongvidError as e:
+            bad += 1
+            out.print(f"invalid  {e}")
+    out.print(f"{len(files) - bad} valid, {bad} invalid")
+    if bad or not files:
+        raise typer.Exit(2)
+
+
+@app.command()
+def recipes():
+    """List the built-in recipes."""
+    from longvid.recipe.recipes import builtin_recipes, recipe_header
+
+    for name, path in builtin_recipes().items():
+        out.print(f"{name:28s} {recipe_header(path)}")
+
+
+@app.command()
+def models():
+    """List the model families."""
+    from longvid import registry
+
+    for family in registry.MODELS:
+        out.print(f"{family:14s} {registry.model_spec(family).description}")
+
+
+@app.command()
+def methods():
+    """List the long-video methods and the model families each supports."""
+    from longvid import registry
+
+    if not registry.METHODS:
+        out.print("no methods registered")
+    for name in registry.METHODS:
+        cls = registry.method_class(name)
+        out.print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}  [{', '.join(sorted(cls.families))}]")
+
+
+@app.command()
+def doctor():
+    """Report torch / CUDA / diffusers versions, GPU memory and the ffmpeg binary."""
+    _quiet_libraries()
+    import imageio_ffmpeg
+
+    from longvid.io.sidecar import environment_info
+
+    info = environment_info()
+    info["ffmpeg_exe"] = imageio_ffmpeg.get_ffmpeg_exe()
+    for key, value in info.items():
+        out.print(f"{key:22s} {value}")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _shape_summary(recipe) -> str:
+    from longvid import registry
+
+    spec = registry.model_spec(recipe.model.family)
+    v = recipe.video
+    f_lat = spec.latent_frames(v.num_frames)
+    h_lat, w_lat = v.height // spec.vae_spatial, v.width // spec.vae_spatial
+    shape = (1, spec.latent_channels, f_lat, h_lat, w_lat)
+    p = spec.patch_spatial
+    if spec.name == "animatediff":
+        tokens = f"temporal attention: {h_lat * w_lat} sequences of {f_lat} frames at full resolution"
+    else:
+        tokens = f"self-attention tokens: {f_lat * (h_lat // p) * (w_lat // p)} ({f_lat} x {h_lat // p} x {w_lat // p})"
+    return f"# latent shape {shape}; {tokens}"
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecations, 'kept in float32' notes) is not for CLI users."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("diffusers", "transformers", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+class _progress:
+    """A rich progress bar over denoising steps and decode, as a ``progress(event, done, total)`` callable."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description:10s}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=err, transient=False)
+        self.bar.__enter__()
+        self.tasks: dict[str, int] = {}
+        return self
+
+    def __call__(self, event: str, done: int, total: int) -> None:
+        if event not in self.tasks:
+            self.tasks[event] = self.bar.add_task("denoise" if event == "step" else event, total=total)
+        self.bar.update(self.tasks[event], completed=done, total=total)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
