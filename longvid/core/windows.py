@@ -190,7 +190,9 @@ class WindowFusedAttnProcessor:
     computed once (``window × C``) and added to each view's slice of the projected q/k/v.
     """
 
-    def __init__(self, window: int = 16, stride: int = 4, weighting: str = "pyramid", pos_embed: nn.Module | None = None):
+    def __init__(
+        self, window: int = 16, stride: int = 4, weighting: str = "pyramid", pos_embed: nn.Module | None = None
+    ):
         _check_window(1, window, stride)
         window_weights(window, weighting)  # validates the scheme name early
         self.window = window
@@ -198,7 +200,9 @@ class WindowFusedAttnProcessor:
         self.weighting = weighting
         self.pos_embed = pos_embed
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         self._check_call(attn, hidden_states, encoder_hidden_states, attention_mask)
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -206,7 +210,8 @@ class WindowFusedAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         n, frames, _ = hidden_states.shape  # (N, F, C)
-        q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))  # (N, h, F, D)
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in projections)  # (N, h, F, D), projected once
         plan = fusion_plan(frames, self.window, self.stride, self.weighting)
         pos = self._projected_positions(attn, hidden_states, len_=plan.views[0][1] - plan.views[0][0])
         if pos is None:  # norms can run once over all frames
@@ -242,13 +247,15 @@ class WindowFusedAttnProcessor:
             return None
         zeros = x.new_zeros(1, len_, x.shape[-1])  # (1, L, C)
         pe = self.pos_embed(zeros).to(x.dtype)  # (1, L, C): the positional term alone
-        return tuple(_heads(_linear_part(proj, pe), attn.heads)[0] for proj in (attn.to_q, attn.to_k, attn.to_v))
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        return tuple(_heads(_linear_part(proj, pe), attn.heads)[0] for proj in projections)
 
     def _check_call(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> None:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("WindowFusedAttnProcessor handles temporal self-attention without masks only")
         if hidden_states.ndim != 3:
-            raise ValueError(f"WindowFusedAttnProcessor expects (B·H·W, F, C) input, got shape {tuple(hidden_states.shape)}")
+            shape = tuple(hidden_states.shape)
+            raise ValueError(f"WindowFusedAttnProcessor expects (B·H·W, F, C) input, got shape {shape}")
         if self.pos_embed is not None and (
             attn.group_norm is not None or attn.spatial_norm is not None or attn.residual_connection
         ):
@@ -335,10 +342,11 @@ class BlockFusionHook(ModelHook):
         kwargs = dict(cross_attention_kwargs or {})
         kwargs.pop("gligen", None)
         plan = fusion_plan(hidden_states.shape[1], self.window, self.stride, self.weighting)
+        conds = (attention_mask, encoder_hidden_states, encoder_attention_mask)
         acc = WindowAccumulator(plan, hidden_states, dim=1)
         for i, (start, end) in enumerate(plan.views):
             chunk = hidden_states[:, start:end]  # (N, L, C)
-            acc.add(i, _attention_part(block, chunk, attention_mask, encoder_hidden_states, encoder_attention_mask, kwargs))
+            acc.add(i, _attention_part(block, chunk, *conds, kwargs))
         return _feed_forward_part(block, acc.result())  # (N, F, C)
 
 
@@ -353,7 +361,9 @@ class BlockFusionHandle:
         remove_block_fusion(self.block)
 
 
-def apply_block_fusion(block: nn.Module, window: int = 16, stride: int = 4, weighting: str = "pyramid") -> BlockFusionHandle:
+def apply_block_fusion(
+    block: nn.Module, window: int = 16, stride: int = 4, weighting: str = "pyramid"
+) -> BlockFusionHandle:
     """Install FreeNoise block-level window fusion on a diffusers ``BasicTransformerBlock``.
 
     The block must see ``(B·H·W, F, C)`` input (AnimateDiff motion-module blocks). Semantics are those of
@@ -386,7 +396,10 @@ def _attention_part(block, x, attention_mask, encoder_hidden_states, encoder_att
         h = block.norm2(x)
         if block.pos_embed is not None:
             h = block.pos_embed(h)
-        x = block.attn2(h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kwargs) + x
+        attn2_out = block.attn2(
+            h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kwargs
+        )
+        x = attn2_out + x
     return x
 
 
@@ -405,7 +418,8 @@ def _check_block(block: nn.Module) -> None:
     needed = ("norm1", "attn1", "norm3", "ff", "pos_embed", "only_cross_attention", "_chunk_size")
     missing = [name for name in needed if not hasattr(block, name)]
     if missing:
-        raise ValueError(f"block fusion needs a diffusers BasicTransformerBlock; {type(block).__name__} lacks {missing}")
+        name = type(block).__name__
+        raise ValueError(f"block fusion needs a diffusers BasicTransformerBlock; {name} lacks {missing}")
     if getattr(block, "norm_type", "layer_norm") != "layer_norm":
         raise ValueError(f"block fusion supports norm_type='layer_norm' blocks only, got {block.norm_type!r}")
     if hasattr(block, "fuser"):

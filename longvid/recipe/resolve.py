@@ -101,7 +101,10 @@ def _load(recipe) -> tuple[str, dict]:
         raise RecipeError([Problem("", f"not valid YAML: {' '.join(str(err).split())}")], str(path)) from err
     if not isinstance(loaded, DictConfig):
         raise RecipeError([Problem("", "a recipe must be a YAML mapping of keys to values")], str(path))
-    return str(path), OmegaConf.to_container(loaded, resolve=False)
+    data = OmegaConf.to_container(loaded, resolve=False)
+    if "longvid_sidecar" in data:  # a video's JSON sidecar: regenerate exactly what it records
+        data = data["recipe"]
+    return str(path), data
 
 
 def _parse_overrides(overrides: Iterable[str], problems: list[Problem]) -> list[tuple[str, dict]]:
