@@ -16,13 +16,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from longvid.errors import LongvidError, Problem, RecipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Long and high-resolution video generation with existing video diffusion models.")
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+# No markup or emoji codes: printed text holds user text (prompts, paths) that "[x]" or ":fire:" must not alter.
+err = Console(stderr=True, highlight=False, markup=False, emoji=False)
+out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 RecipeArg = Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name or a YAML path.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. video.num_frames=81.",
@@ -39,7 +41,7 @@ def friendly(fn):
         except LongvidError as e:
             if os.environ.get("LONGVID_DEBUG") not in (None, "", "0"):
                 raise
-            err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; no partial output was kept")

@@ -18,7 +18,9 @@ MODELS: dict[str, tuple[str, str]] = {
 }
 
 #: method name -> Method class (its module must not import torch at import time)
-METHODS: dict[str, str] = {}
+METHODS: dict[str, str] = {
+    "freenoise": "longvid.methods.freenoise:FreeNoise",
+}
 
 
 def load_ref(ref: str) -> Any:

@@ -78,18 +78,18 @@ def denoise_latents(adapter: ModelAdapter, recipe: Recipe, methods: list[Method]
     generator = torch.Generator("cpu").manual_seed(recipe.seed)
     scheduler = adapter.make_scheduler()
     timesteps = set_timesteps(scheduler, recipe.sampler.steps, device)
-    builders = [b for b in (m.noise_builder() for m in methods) if b is not None]
+    builders = [b for b in (m.noise_builder(adapter) for m in methods) if b is not None]
     noise = (builders[-1] if builders else gaussian_noise)(shape, generator, dtype=getattr(
         adapter, "latent_dtype", torch.float32), device=device)
     x = adapter.prepare_latents(noise, scheduler)
 
     tick = time.perf_counter()
     with adapter.prepared(video.num_frames), applied(methods, adapter, ctx):
-        denoise = lambda x_, t_: adapter.denoise(x_, t_, cond)  # noqa: E731
+        denoise = adapter.denoise  # denoise(x, t, cond); methods may wrap it (context windows, per-frame prompts)
         for method in methods:
             denoise = method.wrap_denoiser(denoise, adapter, ctx)
         step = (lambda i, n, _: progress("step", i, n)) if progress else None
-        x = sample(denoise, x, scheduler, timesteps, step_kwargs=adapter.step_kwargs(scheduler, generator), ctx=ctx,
+        x = sample(lambda x_, t_: denoise(x_, t_, cond), x, scheduler, timesteps, step_kwargs=adapter.step_kwargs(scheduler, generator), ctx=ctx,
                    callback=step)
     timings["denoise_s"] = time.perf_counter() - tick
     return x

@@ -235,6 +235,7 @@ class VideoWriter:
             except Exception as err:  # cleanup must not mask the error that caused it
                 log.warning("error while stopping ffmpeg: %s", err)
         _wait_dead(self._proc)
+        remove_quietly(self.tmp_path)
 
 
 def _check_fps(fps: float | Fraction) -> float | Fraction:

@@ -42,12 +42,12 @@ class Method:
         """Torch-free cross-field checks: ``[(dotted key, message)]``. Called by ``resolve()``."""
         return []
 
-    def noise_builder(self) -> Callable | None:
+    def noise_builder(self, adapter: Any) -> Callable | None:
         """An initial-noise builder ``(shape, generator, *, dtype, device, frame_dim) -> Tensor``, or None."""
         return None
 
     def wrap_denoiser(self, denoise: Callable, adapter: Any, ctx: Any) -> Callable:
-        """Return a denoiser wrapping ``denoise(x, t, cond)``; default: unchanged."""
+        """Return a denoiser with the signature of ``denoise(x, t, cond) -> prediction``; default: unchanged."""
         return denoise
 
     def apply(self, adapter: Any, ctx: Any) -> None:

@@ -73,8 +73,8 @@ class AnimateDiffAdapter(ModelAdapter):
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Guided noise prediction for latents ``x`` (B, C, F, H, W); CFG batched as the pipeline does."""
         frames = x.shape[2]
-        embeds = torch.cat([cond.negative, cond.positive]) if self.do_cfg else cond.positive  # (2, seq, D)
-        if embeds.shape[0] in (1, 2):  # one embedding per video -> one per frame, (b, f) order as the UNet expects
+        embeds = torch.cat([cond.negative, cond.positive]) if self.do_cfg else cond.positive  # (2 or 2F, seq, D)
+        if cond.positive.shape[0] == 1:  # one embedding per video -> one per frame, (b, f) order as the UNet wants
             embeds = embeds.repeat_interleave(frames, dim=0)
         model_in = torch.cat([x] * 2) if self.do_cfg else x
         pred = self.pipe.unet(model_in, t, encoder_hidden_states=embeds).sample

@@ -216,6 +216,9 @@ def from_pretrained(cls, path: str, *, key: str, **kwargs):
                              f"config.json); point it at a folder written by save_pretrained or a hub snapshot")
     if local.exists() and not local.is_dir():
         raise ModelLoadError(f"{key}: '{path}' is a file; expected a hub id or a diffusers model folder")
+    if not local.exists() and (local.is_absolute() or path.startswith((".", "~"))):  # a path, not a hub id
+        raise ModelLoadError(f"{key}: no folder '{path}'; set {key} to a local diffusers model folder (written by "
+                             f"save_pretrained or `hf download <repo id> --local-dir <folder>`) or to a hub id")
     try:
         return cls.from_pretrained(str(local) if local.exists() else path, **kwargs)
     except (OSError, ValueError) as err:

@@ -57,12 +57,13 @@ def resolve(
         _apply_tree(cfg, tree, "", problems, Recipe, label=label)
 
     # Keep going after merge problems (the bad leaves were not set) so every problem is reported at once.
-    for key in ("model.family", "model.path"):
-        if OmegaConf.is_missing(cfg, key):
-            hint = "one of " + ", ".join(registry.MODELS) if key == "model.family" else \
-                "a hub id, a local directory, or tiny:<family>"
-            problems.append(Problem(key, f"required: set {hint}"))
-    if any(OmegaConf.is_missing(cfg, k) for k in ("model.family", "model.path")):
+    # OmegaConf.is_missing does not follow dotted keys (it answers False for "model.path"): ask the parent.
+    missing = [key for key in ("model.family", "model.path") if OmegaConf.is_missing(cfg.model, key.split(".")[1])]
+    for key in missing:
+        hint = "one of " + ", ".join(registry.MODELS) if key == "model.family" else \
+            "a hub id, a local directory, or tiny:<family>"
+        problems.append(Problem(key, f"required: set {hint}"))
+    if missing:
         raise RecipeError(problems, source)
 
     result: Recipe = OmegaConf.to_object(cfg)
@@ -143,37 +144,43 @@ def _pick_family(data: dict, options: Mapping, parsed: list[tuple[str, dict]]) -
 
 
 def _apply_tree(cfg: DictConfig, tree: Mapping, prefix: str, problems: list[Problem], schema: type,
-                label: str = "") -> None:
-    """Set every leaf of ``tree`` into ``cfg``; unknown keys get a did-you-mean against ``schema``."""
+                label: str = "", shown: str = "") -> None:
+    """Set every leaf of ``tree`` into ``cfg`` at ``prefix``; unknown keys get a did-you-mean against ``schema``.
+
+    Problems name ``shown + prefix + key``: the dotted path a user types (``shown`` is the path of ``cfg``
+    itself inside the recipe, e.g. ``methods.freenoise.`` for a method's own config).
+    """
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = typing.get_type_hints(schema)
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
+        where_key = f"{shown}{dotted}"
         if key not in fields:
             where = f" ({label})" if label else ""
             hint = registry.suggest(key, fields) or f"; known: {', '.join(fields)}"
-            problems.append(Problem(dotted, f"unknown key{where}{hint}"))
+            problems.append(Problem(where_key, f"unknown key{where}{hint}"))
             continue
         sub = hints[key]
         if dataclasses.is_dataclass(sub) and key not in _OPEN_FIELDS:
             if isinstance(value, Mapping):
-                _apply_tree(cfg, value, f"{dotted}.", problems, sub, label)
+                _apply_tree(cfg, value, f"{dotted}.", problems, sub, label, shown)
             else:
-                problems.append(Problem(dotted, f"expected a mapping of {', '.join(f.name for f in dataclasses.fields(sub))}"))
+                names = ", ".join(f.name for f in dataclasses.fields(sub))
+                problems.append(Problem(where_key, f"expected a mapping of {names}"))
             continue
         if key in ("methods", "stages") and isinstance(value, Mapping):
             for name, node in value.items():  # merge per entry so two layers of one method combine
-                _set(cfg, f"{dotted}.{name}", node, problems, label)
+                _set(cfg, f"{dotted}.{name}", node, problems, label, shown)
             continue
-        _set(cfg, dotted, value, problems, label)
+        _set(cfg, dotted, value, problems, label, shown)
 
 
-def _set(cfg: DictConfig, key: str, value: Any, problems: list[Problem], label: str = "") -> None:
+def _set(cfg: DictConfig, key: str, value: Any, problems: list[Problem], label: str = "", shown: str = "") -> None:
     try:
         OmegaConf.update(cfg, key, value, merge=True)
     except OmegaConfBaseException as err:
         where = f" ({label})" if label else ""
-        problems.append(Problem(key, f"{_msg(err)}{where}"))
+        problems.append(Problem(f"{shown}{key}", f"{_msg(err)}{where}"))
 
 
 def _msg(err: OmegaConfBaseException) -> str:
@@ -205,7 +212,7 @@ def _resolve_methods(methods: Mapping[str, Any], problems: list[Problem]) -> dic
         cfg = OmegaConf.structured(config_cls)
         before = len(problems)
         tree = OmegaConf.to_container(node) if isinstance(node, DictConfig) else dict(node)
-        _apply_tree(cfg, tree, f"{key}.", problems, config_cls)
+        _apply_tree(cfg, tree, "", problems, config_cls, shown=f"{key}.")
         if len(problems) > before:
             continue
         try:

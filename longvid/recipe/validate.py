@@ -38,7 +38,9 @@ def _check_model(recipe: Recipe) -> list[Problem]:
         return [Problem("model.path", f"no built-in tiny model '{variant}'{registry.suggest(variant, TINY_VARIANTS)}; "
                                       f"known: {', '.join('tiny:' + v for v in TINY_VARIANTS)}")]
     if TINY_VARIANTS[variant] != family:
-        return [Problem("model.path", f"{path} is a {TINY_VARIANTS[variant]} model but model.family is {family}")]
+        same = [f"tiny:{v}" for v, f in TINY_VARIANTS.items() if f == family]
+        fix = f"set model.family={TINY_VARIANTS[variant]}" + (f" or model.path={same[0]}" if same else "")
+        return [Problem("model.path", f"{path} is a {TINY_VARIANTS[variant]} model but model.family is {family}; {fix}")]
     return []
 
 
@@ -66,7 +68,7 @@ def _check_video(recipe: Recipe, spec) -> list[Problem]:
         if not long_methods:
             known = [n for n in registry.METHODS if spec.name in registry.method_class(n).families]
             fix = f"add a long-video method, e.g. methods.{known[0]}={{}} or --recipe {known[0]}-{spec.name}-64" \
-                if known else f"use at most {spec.max_frames} frames"
+                if known else f"add a long-video method (see `longvid methods`) or use at most {spec.max_frames} frames"
             problems.append(Problem("video.num_frames", f"{frames} frames exceed {spec.name}'s motion-module "
                                                          f"limit of {spec.max_frames}; {fix}"))
     return problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from fractions import Fraction
 
@@ -191,7 +192,7 @@ def test_temporary_file_is_used_while_writing(tmp_path):
 def test_size_change_between_chunks_fails_cleanly(tmp_path):
     with pytest.raises(ValueError, match="differs"):
         with VideoWriter(tmp_path / "sizes.mp4", fps=16) as w:
-            w.write(gradient(2))
+            w.write(gradient())
             wait_for(w.tmp_path)
             w.write(gradient(2, H, W + 2))
     assert listing(tmp_path) == []
@@ -259,3 +260,15 @@ def test_failed_write_with_overwrite_keeps_the_old_file(tmp_path):
             raise RuntimeError("oom")
     assert path.read_bytes() == b"old"
     assert listing(tmp_path) == ["keep.mp4"]
+
+
+def test_writer_dropped_without_close_leaves_nothing(tmp_path):
+    # Used without `with` and lost (e.g. an exception in the caller): __del__ must clean up.
+    w = VideoWriter(tmp_path / "dropped.mp4", fps=16)
+    w.write(gradient())
+    wait_for(w.tmp_path)
+    proc = w._proc
+    del w
+    gc.collect()
+    assert listing(tmp_path) == []
+    assert proc.poll() is not None

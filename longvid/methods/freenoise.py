@@ -1,0 +1,195 @@
+"""FreeNoise (Qiu et al., ICLR 2024, arXiv 2310.15169): noise rescheduling + window fusion + multi-prompt.
+
+- **Noise** (noise seam): frames beyond the first window reuse the first window's noise, shuffled within
+  stride blocks — seeded from the recipe's generator, for any frame count (``core/noise.py``).
+- **Window fusion**, chosen by ``fusion``:
+  ``block`` (AnimateDiff default): each motion-module transformer block runs per window and the windows'
+  states are averaged before the feed-forward, as diffusers' ``enable_free_noise`` and the official
+  AnimateDiff port do; ``layer``: each temporal self-attention is fused on its own, as the official
+  VideoCrafter code does; ``denoiser`` (DiT default, e.g. Wan): the whole model runs on windows of latent
+  frames and the predictions are fused (context windows, ``core/context_windows.py``); ``off``: noise only
+  (what FreeLong's official code uses).
+- **Multi-prompt**: ``prompt: {frame: text}``; per-frame interpolated embeddings on UNets, one keyframe
+  prompt per window on DiTs.
+
+Differences from the official code and from diffusers (all on purpose; docs/methods/freenoise.md):
+tail windows always cover the last frames, with diffusers' tail-weight bug fixed (``w[-k:]``); frames ≤ window
+are exactly vanilla; ``delayed_reverse_sawtooth`` has exactly ``window`` weights for odd windows; any frame
+count works. This module is torch-free; the tensor code lives in ``longvid.core``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from longvid.methods.base import Method
+
+
+@dataclass
+class FreeNoiseConfig:
+    """Settings of ``methods.freenoise``. Frame counts are video frames (converted to latent frames on Wan)."""
+
+    window: Optional[int] = None
+    """Window length in video frames. None = the model's native length (16 AnimateDiff, 81 Wan)."""
+    stride: Optional[int] = None
+    """Frames between window starts. None = 4 (UNet, official) or half the window, rounded to the VAE's
+    temporal stride (DiT)."""
+    weighting: Literal["pyramid", "flat", "delayed_reverse_sawtooth"] = "pyramid"
+    """How overlapping windows are averaged: pyramid (official), flat, or diffusers' delayed reverse sawtooth."""
+    fusion: Literal["auto", "block", "layer", "denoiser", "off"] = "auto"
+    """Where windows are fused: auto = block on UNets, denoiser on DiTs; off = noise rescheduling only."""
+    noise: Literal["shuffle", "gaussian"] = "shuffle"
+    """shuffle = FreeNoise noise rescheduling; gaussian = plain independent noise per frame."""
+
+    def __post_init__(self):
+        for key in ("window", "stride"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"methods.freenoise.{key} must be at least 1, got {value}")
+
+
+class FreeNoise(Method):
+    """FreeNoise: noise rescheduling + window fusion + multi-prompt (ICLR 2024)"""
+
+    name = "freenoise"
+    Config = FreeNoiseConfig
+    seams = frozenset({"noise", "attention", "denoiser"})
+    families = frozenset({"animatediff", "wan"})
+    multi_prompt = True
+
+    @classmethod
+    def check(cls, config: FreeNoiseConfig, recipe: Any, spec: Any) -> list[tuple[str, str]]:
+        problems = []
+        window, stride = cls.geometry(config, spec)
+        key = "methods.freenoise"
+        if spec.temporal_stride > 1:
+            s = spec.temporal_stride
+            if config.window is not None and not spec.frames_valid(config.window):
+                below, above = spec.nearest_frames(config.window)
+                problems.append((f"{key}.window", f"{spec.name} windows need {s}k+1 frames, got {config.window} "
+                                                  f"(nearest: {below} or {above})"))
+            if config.stride is not None and config.stride % s:
+                problems.append((f"{key}.stride", f"{spec.name} strides are whole latent frames: a multiple of "
+                                                  f"{s}, got {config.stride}"))
+            if config.fusion in ("block", "layer"):
+                problems.append((f"{key}.fusion", f"{spec.name} has no separate temporal attention layers; use "
+                                                  f"denoiser (context windows), auto or off"))
+        if isinstance(recipe.prompt, dict) and spec.temporal_stride > 1 and config.fusion == "off":
+            problems.append((f"{key}.fusion", "multi-prompt on a DiT assigns one prompt per context window; "
+                                              "use fusion=auto or denoiser"))
+        if config.stride is not None and config.window is not None and config.stride > config.window:
+            problems.append((f"{key}.stride", f"must not exceed the window ({config.window}), got {config.stride}"))
+        return problems
+
+    @staticmethod
+    def geometry(config: FreeNoiseConfig, spec: Any) -> tuple[int, int]:
+        """(window, stride) in *latent* frames for a family."""
+        window = config.window or spec.native_frames
+        if spec.temporal_stride == 1:
+            return window, config.stride or 4
+        s = spec.temporal_stride
+        window_lat = spec.latent_frames(window)
+        stride_lat = (config.stride // s) if config.stride else max(1, window_lat // 2)
+        return window_lat, stride_lat
+
+    def _fusion(self, adapter: Any) -> str:
+        if self.config.fusion != "auto":
+            return self.config.fusion
+        return "block" if adapter.attention_sites("temporal") else "denoiser"
+
+    # ------------------------------------------------------------------------------------------ seams
+
+    def noise_builder(self, adapter: Any):
+        if self.config.noise == "gaussian":
+            return None
+        from functools import partial
+
+        from longvid.core.noise import freenoise_noise
+
+        window, stride = self.geometry(self.config, adapter.spec)
+        return partial(freenoise_noise, window=window, stride=stride)
+
+    def apply(self, adapter: Any, ctx: Any) -> None:
+        window, stride = self.geometry(self.config, adapter.spec)
+        fusion = self._fusion(adapter)
+        if fusion == "block":
+            from longvid.core.windows import apply_block_fusion
+
+            blocks = {id(s.block): s.block for s in adapter.attention_sites("temporal")}.values()
+            for block in blocks:
+                handle = apply_block_fusion(block, window=window, stride=stride, weighting=self.config.weighting)
+                self.on_remove(handle.remove)
+        elif fusion == "layer":
+            self._apply_layer_fusion(adapter, window, stride)
+
+    def _apply_layer_fusion(self, adapter: Any, window: int, stride: int) -> None:
+        import torch
+
+        from longvid.core.hooks import replace_forward
+        from longvid.core.windows import WindowFusedAttnProcessor
+
+        tables = {}
+        for site in adapter.attention_sites("temporal"):
+            positions = None
+            if site.pos_embed is not None:
+                # Window-local positions: the processor adds the table's first `window` rows per window, and
+                # the block's own (global) positional embedding is switched off while the method is applied.
+                key = id(site.pos_embed)
+                if key not in tables:
+                    q = site.module.to_q
+                    zeros = torch.zeros(1, window, q.in_features, device=q.weight.device, dtype=q.weight.dtype)
+                    table = site.pos_embed(zeros)  # (1, window, C): the positional term alone
+                    tables[key] = table
+                    self.on_remove(replace_forward(site.pos_embed, "longvid.freenoise.positions",
+                                                   lambda module, forward, x: x))
+                positions = _AddTable(tables[key])
+            processor = WindowFusedAttnProcessor(window=window, stride=stride, weighting=self.config.weighting,
+                                                 pos_embed=positions)
+            self.on_remove(adapter.install_processor(site, processor))
+
+    def wrap_denoiser(self, denoise, adapter: Any, ctx: Any):
+        fusion = self._fusion(adapter)
+        if fusion == "denoiser":
+            from longvid.core.context_windows import windowed_denoiser
+
+            window, stride = self.geometry(self.config, adapter.spec)
+            s = adapter.spec.temporal_stride
+            return windowed_denoiser(denoise, window=window, stride=stride, weighting=self.config.weighting,
+                                     frame_of_latent=lambda f: 0 if f == 0 else (f - 1) * s + 1)
+        if adapter.attention_sites("temporal"):
+            return _per_frame_prompts(denoise, ctx.num_frames)
+        return denoise
+
+
+class _AddTable:
+    """``x + table[:, :S]``: a fixed positional table added to a window of S frames."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, x):
+        return x + self.table[:, : x.shape[1]].to(x.dtype)
+
+
+def _per_frame_prompts(denoise, num_frames: int):
+    """UNets condition every frame separately: interpolate multi-prompt keyframes to one embedding per frame."""
+
+    cache = {}
+
+    def wrapped(x, t, cond):
+        if not cond.keyframes:
+            return denoise(x, t, cond)
+        if "cond" not in cache:
+            from longvid.core.prompts import interpolate_keyframes
+            from longvid.models.base import Conditioning
+
+            keys = cond.keyframes
+            positive = interpolate_keyframes({k: c.positive[0] for k, c in keys.items()}, num_frames)
+            negative = None
+            if cond.negative is not None:
+                negative = interpolate_keyframes({k: c.negative[0] for k, c in keys.items()}, num_frames)
+            cache["cond"] = Conditioning(positive, negative)  # (F, seq, D) each
+        return denoise(x, t, cache["cond"])
+
+    return wrapped
