@@ -146,7 +146,9 @@ class ModelAdapter:
         sampler = self.recipe.sampler
         base = self.pipe.scheduler
         cls = getattr(diffusers, sampler.scheduler) if sampler.scheduler else type(base)
-        overrides = {"flow_shift": sampler.flow_shift} if sampler.flow_shift is not None else {}
+        overrides = dict(sampler.scheduler_config)
+        if sampler.flow_shift is not None:
+            overrides["flow_shift"] = sampler.flow_shift
         return cls.from_config(base.config, **overrides)
 
     def step_kwargs(self, scheduler, generator: torch.Generator) -> dict[str, Any]:

@@ -79,7 +79,10 @@ ANIMATEDIFF = FamilySpec(
     latent_channels=4,
     defaults={
         "video": {"num_frames": 16, "height": 512, "width": 512, "fps": 8},
-        "sampler": {"steps": 25, "guidance_scale": 7.5, "max_sequence_length": 77, "scheduler": "DDIMScheduler"},
+        # AnimateDiff's documented sampler: DDIM with linear betas, linspace spacing, no sample clipping.
+        "sampler": {"steps": 25, "guidance_scale": 7.5, "max_sequence_length": 77, "scheduler": "DDIMScheduler",
+                    "scheduler_config": {"beta_schedule": "linear", "clip_sample": False,
+                                         "timestep_spacing": "linspace", "steps_offset": 1}},
     },
 )
 

@@ -41,7 +41,15 @@ def find_recipe(ref: str) -> Path:
 
 
 def recipe_header(path: Path) -> str:
-    """The first comment line of a recipe file (its one-line description)."""
+    """A recipe's one-line description: its ``description`` key, else its first comment line."""
+    from omegaconf import OmegaConf
+
+    try:
+        description = OmegaConf.load(path).get("description")
+    except Exception:  # an invalid recipe still gets listed; `longvid validate` reports it
+        description = None
+    if description:
+        return str(description)
     for line in path.read_text().splitlines():
         text = line.lstrip("# ").strip()
         if line.startswith("#") and text:

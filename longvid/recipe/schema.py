@@ -66,6 +66,8 @@ class SamplerConfig:
     scheduler: Optional[str] = None
     """A diffusers scheduler class name (``UniPCMultistepScheduler``, ``DDIMScheduler``, ...), built from the
     model's scheduler config. None = the model's own scheduler."""
+    scheduler_config: Dict[str, Any] = field(default_factory=dict)
+    """Scheduler config values to change (``{beta_schedule: linear, clip_sample: false}``)."""
     flow_shift: Optional[float] = None
     """Flow-matching shift (Wan: 3.0 at 480p, 5.0 at 720p). None = the model's scheduler config."""
     eta: float = 0.0

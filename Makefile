@@ -1,0 +1,26 @@
+# longvid: the two commands of the README's quick start, plus helpers.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install bench clean
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	VENV=$(VENV) bash scripts/install.sh
+
+install: $(VENV)/.installed
+
+## Generate a short MP4 with the built-in random-weight demo model (seconds on a CPU).
+demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/longvid generate --recipe demo --out outputs/ --overwrite
+
+## Run the whole test suite.
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+## CPU benchmarks (minutes); numbers go to docs/benchmarks.md.
+bench: $(VENV)/.installed
+	$(BIN)/python scripts/bench/freenoise.py
+	$(BIN)/python scripts/bench/freelong.py
+
+clean:
+	rm -rf outputs build *.egg-info
