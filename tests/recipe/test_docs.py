@@ -21,7 +21,7 @@ def _keys(cls, prefix=""):
 
 def test_every_schema_key_is_documented_and_no_other():
     text = DOC.read_text()
-    documented = set(re.findall(r"^\| `([a-z_.]+)` \|", text, flags=re.M))
+    documented = set(re.findall(r"^\| `([a-z0-9_.]+)` \|", text, flags=re.M))
     schema = set(_keys(Recipe))
     assert schema - documented == set(), "undocumented keys"
     assert documented - schema == set(), "documented keys that do not exist"
