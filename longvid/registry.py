@@ -20,6 +20,7 @@ MODELS: dict[str, tuple[str, str]] = {
 #: method name -> Method class (its module must not import torch at import time)
 METHODS: dict[str, str] = {
     "freenoise": "longvid.methods.freenoise:FreeNoise",
+    "freelong": "longvid.methods.freelong:FreeLong",
 }
 
 

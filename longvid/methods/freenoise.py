@@ -7,7 +7,7 @@
   states are averaged before the feed-forward, as diffusers' ``enable_free_noise`` and the official
   AnimateDiff port do; ``layer``: each temporal self-attention is fused on its own, as the official
   VideoCrafter code does; ``denoiser`` (DiT default, e.g. Wan): the whole model runs on windows of latent
-  frames and the predictions are fused (context windows, ``core/context_windows.py``); ``off``: noise only
+  frames and the predictions are fused (context windows, ``core/context_windows.py``); ``none``: noise only
   (what FreeLong's official code uses).
 - **Multi-prompt**: ``prompt: {frame: text}``; per-frame interpolated embeddings on UNets, one keyframe
   prompt per window on DiTs.
@@ -37,8 +37,8 @@ class FreeNoiseConfig:
     temporal stride (DiT)."""
     weighting: Literal["pyramid", "flat", "delayed_reverse_sawtooth"] = "pyramid"
     """How overlapping windows are averaged: pyramid (official), flat, or diffusers' delayed reverse sawtooth."""
-    fusion: Literal["auto", "block", "layer", "denoiser", "off"] = "auto"
-    """Where windows are fused: auto = block on UNets, denoiser on DiTs; off = noise rescheduling only."""
+    fusion: Literal["auto", "block", "layer", "denoiser", "none"] = "auto"
+    """Where windows are fused: auto = block on UNets, denoiser on DiTs; none = noise rescheduling only."""
     noise: Literal["shuffle", "gaussian"] = "shuffle"
     """shuffle = FreeNoise noise rescheduling; gaussian = plain independent noise per frame."""
 
@@ -74,8 +74,8 @@ class FreeNoise(Method):
                                                   f"{s}, got {config.stride}"))
             if config.fusion in ("block", "layer"):
                 problems.append((f"{key}.fusion", f"{spec.name} has no separate temporal attention layers; use "
-                                                  f"denoiser (context windows), auto or off"))
-        if isinstance(recipe.prompt, dict) and spec.temporal_stride > 1 and config.fusion == "off":
+                                                  f"denoiser (context windows), auto or none"))
+        if isinstance(recipe.prompt, dict) and spec.temporal_stride > 1 and config.fusion == "none":
             problems.append((f"{key}.fusion", "multi-prompt on a DiT assigns one prompt per context window; "
                                               "use fusion=auto or denoiser"))
         if config.stride is not None and config.window is not None and config.stride > config.window:
