@@ -22,8 +22,9 @@ from longvid.errors import LongvidError, Problem, RecipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Long and high-resolution video generation with existing video diffusion models.")
-# No markup or emoji codes: printed text holds user text (prompts, paths) that "[x]" or ":fire:" must not alter.
-err = Console(stderr=True, highlight=False, markup=False, emoji=False)
+# No markup or emoji codes: printed text holds user text (prompts, paths) that "[x]" or ":fire:" must not alter;
+# soft_wrap: a long path is never folded or cropped to the terminal (or 80 columns in a log file).
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 RecipeArg = Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name or a YAML path.")]

@@ -49,6 +49,7 @@ def build_methods(recipe: Recipe) -> list[Method]:
     return [registry.method_class(name)(config) for name, config in recipe.methods.items()]
 
 
+@torch.no_grad()  # inference only: an autograd graph would keep the text encoder's activations alive
 def encode(adapter: ModelAdapter, recipe: Recipe) -> Conditioning:
     """Text conditioning; for ``{frame: prompt}`` every keyframe prompt is encoded once."""
     if isinstance(recipe.prompt, dict):
@@ -155,6 +156,10 @@ def _output_file(recipe: Recipe, output_path) -> Path:
                        prompt=prompt or "video", seed=recipe.seed, frames=recipe.video.num_frames,
                        width=recipe.video.width, height=recipe.video.height)
     check_writable(path, recipe.output.overwrite)
+    # The sidecar is written last: an existing one would fail only after the video, leaving it without its record.
+    from longvid.io.sidecar import sidecar_path
+
+    check_writable(sidecar_path(path), recipe.output.overwrite)
     return path
 
 

@@ -300,23 +300,27 @@ class SpectralBlendAttention:
 
         hg = self.head_chunk or max(1, heads // 4)
         hg = max(d for d in range(1, min(hg, heads) + 1) if heads % d == 0)  # a divisor: equal chunks
+        c = hg * v.shape[-1]  # channels of one head group
+        # Blend layout = SDPA's output memory (N, S, hg, D) viewed as 5-D with channels last, no copies:
         if layout.kind == "temporal":
-            shape6, dims = (b, h, w, hg, f, v.shape[-1]), (4, 1, 2)  # (B, H, W, hg, F, D)
+            shape5, dims = (b, h, w, f, c), (3, 1, 2)  # (B, H, W, F, C') ; (f, h, w) axes
         else:
-            shape6, dims = (b, hg, f, h, w, v.shape[-1]), (2, 3, 4)  # (B, hg, F, H, W, D)
+            shape5, dims = (b, f, h, w, c), (1, 2, 3)  # (B, F, H, W, C')
         out = q.new_empty(n, seq, heads, v.shape[-1]).transpose(1, 2)  # (N, heads, S, D), SDPA's layout
-        diff = torch.empty(shape6, device=q.device, dtype=torch.float32)  # reused by every head group
-        scratch = torch.empty_like(diff) if lowpass.method == "separable" else None
+        scratch = None
         for h0 in range(0, heads, hg):
             sl = slice(h0, h0 + hg)
             qg, kg, vg = q[:, sl], k[:, sl], v[:, sl]  # (N, hg, S, D)
-            glob = F.scaled_dot_product_attention(qg, kg, vg).view(shape6)
-            loc = windowed_attention(qg, kg, vg, lo, hi, tpf, self.block_frames).view(shape6)
-            if glob.dtype == torch.float32:
-                torch.sub(glob, loc, out=diff)
+            glob = F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).reshape(shape5)
+            loc = windowed_attention(qg, kg, vg, lo, hi, tpf, self.block_frames).transpose(1, 2).reshape(shape5)
+            if glob.dtype == torch.float32 and glob.is_contiguous():
+                diff = glob.sub_(loc)  # G - L in place
             else:
-                diff.copy_(glob).sub_(loc)
+                diff = torch.sub(glob.float(), loc.float()).contiguous()
             del glob
-            low = lowpass.apply(diff, dims, scratch)  # float32 (shape6)
-            torch.add(loc, low, out=out[:, sl].view(shape6))
+            if scratch is None and lowpass.method == "separable":
+                scratch = torch.empty_like(diff)  # reused by every head group
+            low = lowpass.apply(diff, dims, scratch)  # float32 (shape5)
+            torch.add(loc, low, out=out[:, sl].transpose(1, 2).view(shape5))
+            del diff, low, loc
         return out

@@ -18,7 +18,7 @@ import torch
 from longvid.core.context import AttentionSite, TokenLayout
 from longvid.core.hooks import replace_forward
 from longvid.core.processors import OpAttnProcessor
-from longvid.errors import Problem, RecipeError
+from longvid.errors import ModelLoadError, Problem, RecipeError
 from longvid.models.base import Conditioning, ModelAdapter, from_pretrained
 from longvid.models.specs import ANIMATEDIFF
 
@@ -46,10 +46,18 @@ class AnimateDiffAdapter(ModelAdapter):
         return min(s.pos_embed.pe.shape[1] for s in self.attention_sites("temporal") if s.pos_embed is not None)
 
     def check_loaded(self) -> None:
+        from longvid import registry
+
+        if getattr(self.pipe, "motion_adapter", None) is None:
+            # diffusers would fill the motion modules with random weights: the video would be garbage.
+            raise ModelLoadError(f"model.motion_adapter: '{self.recipe.model.path}' has no motion adapter; set "
+                                 "model.motion_adapter (e.g. guoyww/animatediff-motion-adapter-v1-5-2)")
         frames = self.recipe.video.num_frames
-        if frames > self.max_frames and not self.recipe.methods:
+        long_methods = [m for m in self.recipe.methods if registry.method_class(m).long_video]
+        if frames > self.max_frames and not long_methods:
             raise RecipeError([Problem("video.num_frames", f"{frames} frames exceed this motion adapter's limit of "
-                                                           f"{self.max_frames}; add a long-video method (methods.freenoise)")])
+                                                           f"{self.max_frames}; add a long-video method "
+                                                           "(see `longvid methods`)")])
 
     # ------------------------------------------------------------------------------- conditioning
 

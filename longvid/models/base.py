@@ -88,6 +88,9 @@ class ModelAdapter:
             pipe.enable_sequential_cpu_offload(device=device)
         else:
             pipe.to(device)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval()  # no dropout: modules built in code (tiny:) start in training mode, unlike from_pretrained
         adapter = cls(pipe, recipe, device)
         adapter.check_loaded()
         return adapter

@@ -67,7 +67,7 @@ def _check_video(recipe: Recipe, spec) -> list[Problem]:
         long_methods = [n for n in recipe.methods if registry.method_class(n).long_video]
         if not long_methods:
             known = [n for n in registry.METHODS if spec.name in registry.method_class(n).families]
-            fix = f"add a long-video method, e.g. methods.{known[0]}={{}} or --recipe {known[0]}-{spec.name}-64" \
+            fix = f"add a long-video method ({', '.join(f'methods.{n}' for n in known)}; see `longvid methods`)" \
                 if known else f"add a long-video method (see `longvid methods`) or use at most {spec.max_frames} frames"
             problems.append(Problem("video.num_frames", f"{frames} frames exceed {spec.name}'s motion-module "
                                                          f"limit of {spec.max_frames}; {fix}"))
