@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-SiteKind = Literal["temporal", "spatial", "full"]
+SiteKind = Literal["temporal", "spatial", "full", "cross"]
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,10 @@ class AttentionSite:
     Attributes:
         name: dotted module path inside the denoiser (``down_blocks.0.motion_modules.0.transformer_blocks.0.attn1``).
         module: the diffusers ``Attention`` / ``WanAttention`` module.
-        kind: ``temporal`` (attends over frames only), ``spatial`` or ``full`` (3D).
+        kind: ``temporal`` (attends over frames only), ``spatial``, ``full`` (3D), or ``cross`` (text
+            cross-attention; these sites have no layout).
         level: UNet resolution level, 0 = full latent resolution; 0 for every DiT block.
+        part: ``encoder`` (UNet down blocks), ``middle``, ``decoder`` (up blocks), or ``""`` for DiTs.
         index: position of the site among the sites of its kind (layer index, for per-layer knobs).
         block: the transformer block that owns ``module`` (for block-level hooks), or None.
         pos_embed: an absolute positional-embedding module the block adds to this attention's input
@@ -57,6 +59,7 @@ class AttentionSite:
     module: Any
     kind: SiteKind
     level: int = 0
+    part: str = ""
     index: int = 0
     block: Any = None
     pos_embed: Any = None

@@ -280,7 +280,7 @@ class SpectralBlendAttention:
         return self._cache[key]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        n, heads, seq, dh = q.shape  # (N, heads, S, D)
+        n, heads, seq, _ = q.shape  # (N, heads, S, D)
         b, f, h, w = layout.batch, layout.frames, layout.height, layout.width
         if layout.kind == "temporal":
             ok = n == b * h * w and seq == f

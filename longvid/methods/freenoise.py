@@ -20,8 +20,8 @@ count works. This module is torch-free; the tensor code lives in ``longvid.core`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from dataclasses import dataclass, field
+from typing import Any, List, Literal, Optional
 
 from longvid.methods.base import Method
 
@@ -41,12 +41,20 @@ class FreeNoiseConfig:
     """Where windows are fused: auto = block on UNets, denoiser on DiTs; none = noise rescheduling only."""
     noise: Literal["shuffle", "gaussian"] = "shuffle"
     """shuffle = FreeNoise noise rescheduling; gaussian = plain independent noise per frame."""
+    injection: bool = False
+    """Multi-prompt motion injection (official, UNets): outside ``injection_steps`` the encoder and middle
+    spatial cross-attention of the conditional pass see the *last* prompt, the decoder the per-frame prompts."""
+    injection_steps: List[float] = field(default_factory=lambda: [0.1, 0.3])
+    """[a, b]: steps with a <= step/steps <= b use the per-frame prompts everywhere (official: steps 5..15 of 50)."""
 
     def __post_init__(self):
         for key in ("window", "stride"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"methods.freenoise.{key} must be at least 1, got {value}")
+        a_b = list(self.injection_steps)
+        if len(a_b) != 2 or not 0 <= a_b[0] <= a_b[1] <= 1:
+            raise ValueError(f"methods.freenoise.injection_steps must be [a, b] with 0 <= a <= b <= 1, got {a_b}")
 
 
 class FreeNoise(Method):
@@ -75,6 +83,9 @@ class FreeNoise(Method):
             if config.fusion in ("block", "layer"):
                 problems.append((f"{key}.fusion", f"{spec.name} has no separate temporal attention layers; use "
                                                   f"denoiser (context windows), auto or none"))
+        if config.injection and (not isinstance(recipe.prompt, dict) or spec.temporal_stride > 1):
+            problems.append((f"{key}.injection", "motion injection needs a {frame: prompt} mapping on a UNet "
+                                                 "(AnimateDiff)"))
         if isinstance(recipe.prompt, dict) and spec.temporal_stride > 1 and config.fusion == "none":
             problems.append((f"{key}.fusion", "multi-prompt on a DiT assigns one prompt per context window; "
                                               "use fusion=auto or denoiser"))
@@ -122,6 +133,33 @@ class FreeNoise(Method):
                 self.on_remove(handle.remove)
         elif fusion == "layer":
             self._apply_layer_fusion(adapter, window, stride)
+        if self.config.injection:
+            self._apply_injection(adapter, ctx)
+
+    def _apply_injection(self, adapter: Any, ctx: Any) -> None:
+        """Official two-prompt motion injection, with the step schedule scaled to the number of steps.
+
+        The conditional half of the batch is the last ``F`` rows of the cross-attention context (CFG batches
+        are [uncond, cond], frame-major inside each); at injection steps the encoder and middle blocks see the
+        last keyframe prompt there, while the decoder keeps the per-frame prompts.
+        """
+        a, b = self.config.injection_steps
+        state = self._injection = {"last": None}
+
+        def inject(module, args, kwargs):
+            step_fraction = ctx.step / max(ctx.total_steps, 1)
+            context = kwargs.get("encoder_hidden_states")
+            if state["last"] is None or context is None or a <= step_fraction <= b:
+                return None
+            frames = ctx.num_frames
+            context = context.clone()
+            context[-frames:] = state["last"].to(context.dtype)  # (F, seq, D) <- last prompt, cond pass only
+            return args, {**kwargs, "encoder_hidden_states": context}
+
+        for site in adapter.attention_sites("cross"):
+            if site.part in ("encoder", "middle"):
+                handle = site.module.register_forward_pre_hook(inject, with_kwargs=True)
+                self.on_remove(handle.remove)
 
     def _apply_layer_fusion(self, adapter: Any, window: int, stride: int) -> None:
         import torch
@@ -158,7 +196,7 @@ class FreeNoise(Method):
             return windowed_denoiser(denoise, window=window, stride=stride, weighting=self.config.weighting,
                                      frame_of_latent=lambda f: 0 if f == 0 else (f - 1) * s + 1)
         if adapter.attention_sites("temporal"):
-            return _per_frame_prompts(denoise, ctx.num_frames)
+            return _per_frame_prompts(denoise, ctx.num_frames, getattr(self, "_injection", None))
         return denoise
 
 
@@ -172,8 +210,11 @@ class _AddTable:
         return x + self.table[:, : x.shape[1]].to(x.dtype)
 
 
-def _per_frame_prompts(denoise, num_frames: int):
-    """UNets condition every frame separately: interpolate multi-prompt keyframes to one embedding per frame."""
+def _per_frame_prompts(denoise, num_frames: int, injection: dict | None = None):
+    """UNets condition every frame separately: interpolate multi-prompt keyframes to one embedding per frame.
+
+    With motion injection, also hands the last keyframe's embedding to the injection hooks.
+    """
 
     cache = {}
 
@@ -190,6 +231,8 @@ def _per_frame_prompts(denoise, num_frames: int):
             if cond.negative is not None:
                 negative = interpolate_keyframes({k: c.negative[0] for k, c in keys.items()}, num_frames)
             cache["cond"] = Conditioning(positive, negative)  # (F, seq, D) each
+            if injection is not None:
+                injection["last"] = keys[max(keys)].positive[0]  # (seq, D)
         return denoise(x, t, cache["cond"])
 
     return wrapped

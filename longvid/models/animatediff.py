@@ -108,35 +108,41 @@ class AnimateDiffAdapter(ModelAdapter):
 
     # -------------------------------------------------------------------------------- method seams
 
-    def _motion_modules(self) -> Iterator[tuple[str, int, torch.nn.Module]]:
-        """(name, level, module) of every motion module; level 0 = full latent resolution."""
+    def _unet_modules(self, attr: str) -> Iterator[tuple[str, int, str, torch.nn.Module]]:
+        """(name, level, part, module) of every module in the UNet blocks' ``attr`` list (``motion_modules`` or
+        ``attentions``); level 0 = full latent resolution."""
         unet = self.pipe.unet
         depth = len(unet.down_blocks)
-        for i, block in enumerate(unet.down_blocks):
-            for j, mm in enumerate(getattr(block, "motion_modules", None) or []):
-                yield f"unet.down_blocks.{i}.motion_modules.{j}", i, mm
-        for j, mm in enumerate(getattr(unet.mid_block, "motion_modules", None) or []):
-            yield f"unet.mid_block.motion_modules.{j}", depth - 1, mm
-        for i, block in enumerate(unet.up_blocks):
-            for j, mm in enumerate(getattr(block, "motion_modules", None) or []):
-                yield f"unet.up_blocks.{i}.motion_modules.{j}", depth - 1 - i, mm
+        parts = [(f"down_blocks.{i}", b, i, "encoder") for i, b in enumerate(unet.down_blocks)]
+        parts += [("mid_block", unet.mid_block, depth - 1, "middle")]
+        parts += [(f"up_blocks.{i}", b, depth - 1 - i, "decoder") for i, b in enumerate(unet.up_blocks)]
+        for where, block, level, part in parts:
+            prefix = f"unet.{where}"
+            for j, module in enumerate(getattr(block, attr, None) or []):
+                yield f"{prefix}.{attr}.{j}", level, part, module
 
     def _find_sites(self) -> list[AttentionSite]:
         sites = []
-        for name, level, mm in self._motion_modules():
+        for name, level, part, mm in self._unet_modules("motion_modules"):
             for b, block in enumerate(mm.transformer_blocks):
                 for attn_name in ("attn1", "attn2"):
                     attn = getattr(block, attn_name, None)
                     if attn is None or attn.is_cross_attention:
                         continue
                     sites.append(AttentionSite(name=f"{name}.transformer_blocks.{b}.{attn_name}", module=attn,
-                                               kind="temporal", level=level, index=len(sites), block=block,
-                                               pos_embed=getattr(block, "pos_embed", None)))
+                                               kind="temporal", level=level, part=part, index=len(sites),
+                                               block=block, pos_embed=getattr(block, "pos_embed", None)))
+        for name, level, part, transformer in self._unet_modules("attentions"):
+            for b, block in enumerate(transformer.transformer_blocks):
+                attn = getattr(block, "attn2", None)
+                if attn is not None and attn.is_cross_attention:
+                    sites.append(AttentionSite(name=f"{name}.transformer_blocks.{b}.attn2", module=attn, kind="cross",
+                                               level=level, part=part, index=len(sites), block=block))
         return sites
 
     def _install_layout_hooks(self) -> None:
         by_module = {}
-        for name, _, mm in self._motion_modules():
+        for name, _, _, mm in self._unet_modules("motion_modules"):
             by_module[id(mm)] = [s for s in self._sites if s.name.startswith(f"{name}.")]
 
             def record(module, args, kwargs):

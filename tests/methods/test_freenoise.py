@@ -151,3 +151,50 @@ def test_wan_freenoise_validation(override, key):
     with pytest.raises(RecipeError) as err:
         resolve("demo", ["methods.freenoise={}"] + override)
     assert str(err.value).count(key) >= 1
+
+
+def test_motion_injection_schedule_scales_with_steps(tiny_animatediff_dir):
+    """Encoder/middle cross-attention of the cond pass sees the last prompt outside [a, b]; decoder never."""
+    mapping = animatediff_recipe(tiny_animatediff_dir, num_frames=20)
+    mapping["prompt"] = {0: "a calm lake", 10: "a storm over the lake"}
+    mapping["sampler"]["steps"] = 10
+    mapping["methods"] = {"freenoise": {"injection": True, "injection_steps": [0.1, 0.3]}}
+    recipe = resolve(mapping)
+    adapter = load_adapter(recipe)
+    seen = {}  # (step, part) -> context rows of the cond pass
+    ctx_holder = {}
+    hooks = []
+    for site in adapter.attention_sites("cross"):
+        def spy(module, args, kwargs, output, part=site.part):
+            seen.setdefault((ctx_holder["ctx"].step, part), kwargs["encoder_hidden_states"][-20:].clone())
+        hooks.append(site.module.register_forward_hook(spy, with_kwargs=True))
+    from longvid import runner
+
+    original = runner.GenerationContext
+
+    def capture(*args, **kwargs):
+        ctx_holder["ctx"] = original(*args, **kwargs)
+        return ctx_holder["ctx"]
+
+    runner.GenerationContext = capture
+    try:
+        latents = denoise_latents(adapter, recipe)
+        cond = runner.encode(adapter, recipe)
+    finally:
+        runner.GenerationContext = original
+        for h in hooks:
+            h.remove()
+        adapter.close()
+    last = cond.keyframes[10].positive[0]
+    first = cond.keyframes[0].positive[0]
+    for step in range(10):
+        injected = not 0.1 <= step / 10 <= 0.3  # steps 1, 2, 3 keep per-frame prompts
+        encoder = seen[(step, "encoder")]
+        assert torch.equal(encoder[0], last) == injected, step
+        assert torch.equal(seen[(step, "decoder")][0], first)  # decoder: per-frame prompts (frame 0 = first)
+    assert torch.isfinite(latents).all()
+
+
+def test_motion_injection_needs_multi_prompt_on_a_unet():
+    with pytest.raises(RecipeError, match="methods.freenoise.injection"):
+        resolve("freenoise-animatediff-64", ["methods.freenoise.injection=true"])
