@@ -23,6 +23,9 @@ from longvid.core.context import GenerationContext
 from longvid.core.noise import gaussian_noise
 from longvid.core.sampler import sample, set_timesteps
 from longvid.errors import OutOfMemoryError
+from longvid.io.paths import check_writable, output_path
+from longvid.io.sidecar import environment_info, sidecar_path, write_sidecar
+from longvid.io.video import VideoWriter
 from longvid.methods.base import Method, applied
 from longvid.models.base import Conditioning, ModelAdapter
 from longvid.recipe.resolve import to_dict
@@ -99,14 +102,11 @@ def denoise_latents(adapter: ModelAdapter, recipe: Recipe, methods: list[Method]
 def generate(recipe: Recipe, *, adapter: ModelAdapter | None = None, write: bool = True,
              progress: Progress | None = None) -> Result:
     """Run ``recipe`` end to end; write the MP4 and its sidecar unless ``write`` is False."""
-    from longvid.io.paths import output_path
-    from longvid.io.sidecar import environment_info, sidecar_path, write_sidecar
-
     start = time.perf_counter()
     timings: dict[str, float] = {}
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
-    path = _output_file(recipe, output_path) if write else None  # fail on an existing file before loading
+    path = _output_file(recipe) if write else None  # fail on an existing file before loading
     own_adapter = adapter is None
     if own_adapter:
         tick = time.perf_counter()
@@ -147,18 +147,15 @@ def generate(recipe: Recipe, *, adapter: ModelAdapter | None = None, write: bool
     return Result(path, latents, sidecar)
 
 
-def _output_file(recipe: Recipe, output_path) -> Path:
-    from longvid.io.paths import check_writable
-
+def _output_file(recipe: Recipe) -> Path:
+    """The output path, checked before any work: neither the video nor its sidecar may exist (unless
+    overwriting), since the sidecar is written last and a clash there would orphan a finished video."""
     prompt = recipe.prompt if isinstance(recipe.prompt, str) else recipe.prompt[min(recipe.prompt, key=int)]
     ext = ".mkv" if recipe.output.codec == "ffv1" else ".mp4"
     path = output_path(recipe.output.dir, recipe.output.name, ext=ext, recipe=recipe.name or recipe.model.family,
                        prompt=prompt or "video", seed=recipe.seed, frames=recipe.video.num_frames,
                        width=recipe.video.width, height=recipe.video.height)
     check_writable(path, recipe.output.overwrite)
-    # The sidecar is written last: an existing one would fail only after the video, leaving it without its record.
-    from longvid.io.sidecar import sidecar_path
-
     check_writable(sidecar_path(path), recipe.output.overwrite)
     return path
 
@@ -166,8 +163,6 @@ def _output_file(recipe: Recipe, output_path) -> Path:
 def _write_video(adapter: ModelAdapter, recipe: Recipe, latents: torch.Tensor, path: Path,
                  progress: Progress | None) -> None:
     """Stream decoded chunks straight into the encoder: the whole video is never held in memory."""
-    from longvid.io.video import VideoWriter
-
     out = recipe.output
     pix_fmt = "bgr0" if out.codec == "ffv1" else "yuv420p"
     done, total = 0, recipe.video.num_frames
