@@ -7,12 +7,13 @@ one frame are consecutive (``1`` for UNet temporal attention, ``H*W`` for a DiT'
 :func:`windowed_attention` is blocked SDPA: it cuts the queries into blocks of frames, and each block attends
 only to the slab of keys its frames can see (a slice, no copy), with an exact boolean mask inside the slab
 only when the block's rows differ. Work is O(S * (block + window)), memory O(output); no S x S mask is ever
-built. Block sizes follow docs/notes performance.md section 3.2 (32 query frames for temporal attention).
+built. Block sizes follow notes/performance.md section 3.2 (32 query frames for temporal attention).
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -54,6 +55,26 @@ def default_block_frames(tokens_per_frame: int) -> int:
     return max(1, min(32, math.ceil(64 / tokens_per_frame)))
 
 
+@lru_cache(maxsize=32)
+def _block_plan(lo: tuple, hi: tuple, t: int, bf: int, device: str) -> tuple:
+    """Query blocks of ``bf`` frames: ``(q0, q1, k0, k1, mask)`` in tokens; ``mask`` is the exact boolean
+    ``(q1-q0, k1-k0)`` mask inside the key slab, or None when every row of the block sees the whole slab."""
+    plan = []
+    for f0 in range(0, len(lo), bf):
+        f1 = min(f0 + bf, len(lo))
+        rows_lo, rows_hi = lo[f0:f1], hi[f0:f1]
+        k0, k1 = min(rows_lo), max(rows_hi)  # the key slab this block needs
+        mask = None
+        if any(a != k0 for a in rows_lo) or any(b != k1 for b in rows_hi):
+            j = torch.arange(k0, k1)  # (slab,)
+            mask = (j >= torch.tensor(rows_lo)[:, None]) & (j < torch.tensor(rows_hi)[:, None])  # (bf, slab) frames
+            if t > 1:
+                mask = mask[:, None, :, None].expand(f1 - f0, t, k1 - k0, t).reshape((f1 - f0) * t, (k1 - k0) * t)
+            mask = mask.to(device)
+        plan.append((f0 * t, f1 * t, k0 * t, k1 * t, mask))
+    return tuple(plan)
+
+
 def windowed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,37 +84,30 @@ def windowed_attention(
     tokens_per_frame: int = 1,
     block_frames: int | None = None,
     scale: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention where a query of frame ``f`` sees only the keys of frames ``[lo[f], hi[f])``.
 
-    q/k/v: ``(N, heads, S, D)`` with ``S = frames * tokens_per_frame``, frames-major. Returns ``(N, heads, S, Dv)``.
-    Falls back to one plain SDPA call when every row sees every frame.
+    q/k/v: ``(N, heads, S, D)`` with ``S = frames * tokens_per_frame``, frames-major. Returns ``(N, heads, S, Dv)``,
+    written into ``out`` when given (any strides). Falls back to one plain SDPA call when every row sees every
+    frame.
     """
     n, heads, seq, _ = q.shape  # (N, heads, S, D)
     t = tokens_per_frame
     frames = seq // t
     if frames * t != seq or lo.numel() != frames or hi.numel() != frames:
         raise ValueError(f"S={seq} is not frames({lo.numel()}) x tokens_per_frame({t})")
-    lo_l, hi_l = lo.tolist(), hi.tolist()  # one host copy; the block loop runs on the host
+    lo_l, hi_l = tuple(lo.tolist()), tuple(hi.tolist())  # host copies: the block loop runs on the host
     if max(lo_l) == 0 and min(hi_l) == frames:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    bf = block_frames or default_block_frames(t)
-    out = q.new_empty(n, seq, heads, v.shape[-1]).transpose(1, 2)  # (N, heads, S, Dv), SDPA's own layout
-    for f0 in range(0, frames, bf):
-        f1 = min(f0 + bf, frames)
-        rows_lo, rows_hi = lo_l[f0:f1], hi_l[f0:f1]
-        k0, k1 = min(rows_lo), max(rows_hi)  # the key slab this block needs
-        mask = None
-        if any(a != k0 for a in rows_lo) or any(b != k1 for b in rows_hi):
-            j = torch.arange(k0, k1, device=q.device)  # (slab,)
-            r_lo = torch.tensor(rows_lo, device=q.device)[:, None]  # (bf, 1)
-            r_hi = torch.tensor(rows_hi, device=q.device)[:, None]
-            mask = (j >= r_lo) & (j < r_hi)  # (bf, slab) frame-level
-            if t > 1:
-                mask = mask[:, None, :, None].expand(f1 - f0, t, k1 - k0, t).reshape((f1 - f0) * t, (k1 - k0) * t)
-        out[:, :, f0 * t : f1 * t] = F.scaled_dot_product_attention(
-            q[:, :, f0 * t : f1 * t], k[:, :, k0 * t : k1 * t], v[:, :, k0 * t : k1 * t], attn_mask=mask, scale=scale
-        )  # (N, heads, bf*t, Dv)
+        full = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return full if out is None else out.copy_(full)
+    if out is None:
+        out = q.new_empty(n, seq, heads, v.shape[-1]).transpose(1, 2)  # (N, heads, S, Dv), SDPA's own layout
+    plan = _block_plan(lo_l, hi_l, t, block_frames or default_block_frames(t), str(q.device))
+    for q0, q1, k0, k1, mask in plan:  # token ranges of a query block and of the key slab it needs
+        out[:, :, q0:q1] = F.scaled_dot_product_attention(
+            q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask, scale=scale
+        )  # (N, heads, q1-q0, Dv)
     return out
 
 

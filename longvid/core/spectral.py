@@ -164,7 +164,7 @@ class LowPass:
             return x
         order = sorted(range(3), key=lambda a: dims[a])  # filter axes in tensor order
         sorted_dims = [dims[a] for a in order]
-        key = (x.ndim, tuple(dims))
+        key = (x.ndim, tuple(dims), str(x.device))
         if key not in self._half:
             even = self.even.permute(order)  # axes in tensor order
             half = even[..., : even.shape[-1] // 2 + 1]  # rfft halves the last transformed axis
@@ -241,8 +241,10 @@ class SpectralBlendAttention:
 
     ``local_only=True`` returns the local branch alone (the official full-resolution UNet level); a zero filter
     (``d_s`` or ``d_t`` = 0) does too, and ``F <= window`` with the adjusted window returns plain SDPA: no
-    discarded branch is ever computed. Heads are processed ``head_chunk`` at a time (q/k/v of a head group ->
-    both branches -> blend -> written into the preallocated output), so peak memory stays near the output.
+    discarded branch is ever computed. Heads are processed in groups (q/k/v of a head group -> both branches ->
+    blend, in place in the preallocated output): ``head_chunk`` heads, or by default as many as keep one
+    group's float32 output under ``chunk_bytes`` (256 MiB), so the working set beyond the output is about two
+    such groups (the global branch and one scratch buffer), and small layers run in one group.
     """
 
     def __init__(
@@ -255,6 +257,7 @@ class SpectralBlendAttention:
         grid: Grid = "official",
         local_only: bool = False,
         head_chunk: int | None = None,
+        chunk_bytes: int = 256 << 20,
         block_frames: int | None = None,
     ):
         if window < 1:
@@ -264,13 +267,13 @@ class SpectralBlendAttention:
         self.window, self.window_mode = int(window), window_mode
         self.d_s, self.d_t, self.grid = float(d_s), float(d_t), grid
         self.local_only = bool(local_only)
-        self.head_chunk, self.block_frames = head_chunk, block_frames
+        self.head_chunk, self.chunk_bytes, self.block_frames = head_chunk, int(chunk_bytes), block_frames
         self._cache: dict[tuple, object] = {}  # per-geometry window bounds and low-pass operators
 
-    def _bounds(self, frames: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("bounds", frames, str(device))
+    def _bounds(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("bounds", frames)  # on the host: windowed_attention plans its blocks there
         if key not in self._cache:
-            self._cache[key] = window_bounds(frames, self.window, self.window_mode, device=device)
+            self._cache[key] = window_bounds(frames, self.window, self.window_mode)
         return self._cache[key]
 
     def _lowpass(self, shape, device) -> LowPass:
@@ -291,14 +294,14 @@ class SpectralBlendAttention:
         if not ok:
             raise ValueError(f"q {tuple(q.shape)} does not match the {layout.kind} layout {layout}")
         tpf = layout.tokens_per_frame
-        lo, hi = self._bounds(f, q.device)
-        if self.window_mode == "adjusted" and f <= self.window:
+        lo, hi = self._bounds(f)
+        if int(lo.max()) == 0 and int(hi.min()) == f:  # every window is the whole clip (adjusted, F <= window)
             return F.scaled_dot_product_attention(q, k, v)  # local == global: exactly vanilla
         lowpass = None if self.local_only else self._lowpass((f, h, w), q.device)
         if lowpass is None or lowpass.method == "zero":
             return windowed_attention(q, k, v, lo, hi, tpf, self.block_frames)
 
-        hg = self.head_chunk or max(1, heads // 4)
+        hg = self.head_chunk or max(1, (self.chunk_bytes // (4 * n * seq * v.shape[-1])))
         hg = max(d for d in range(1, min(hg, heads) + 1) if heads % d == 0)  # a divisor: equal chunks
         c = hg * v.shape[-1]  # channels of one head group
         # Blend layout = SDPA's output memory (N, S, hg, D) viewed as 5-D with channels last, no copies:
@@ -311,8 +314,10 @@ class SpectralBlendAttention:
         for h0 in range(0, heads, hg):
             sl = slice(h0, h0 + hg)
             qg, kg, vg = q[:, sl], k[:, sl], v[:, sl]  # (N, hg, S, D)
+            # local branch straight into the output, then out += lowpass(global - local) in place
+            windowed_attention(qg, kg, vg, lo, hi, tpf, self.block_frames, out=out[:, sl])
+            loc = out[:, sl].transpose(1, 2).view(shape5)
             glob = F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).reshape(shape5)
-            loc = windowed_attention(qg, kg, vg, lo, hi, tpf, self.block_frames).transpose(1, 2).reshape(shape5)
             if glob.dtype == torch.float32 and glob.is_contiguous():
                 diff = glob.sub_(loc)  # G - L in place
             else:
@@ -320,7 +325,6 @@ class SpectralBlendAttention:
             del glob
             if scratch is None and lowpass.method == "separable":
                 scratch = torch.empty_like(diff)  # reused by every head group
-            low = lowpass.apply(diff, dims, scratch)  # float32 (shape5)
-            torch.add(loc, low, out=out[:, sl].transpose(1, 2).view(shape5))
-            del diff, low, loc
+            loc.add_(lowpass.apply(diff, dims, scratch))  # float32 low-pass, cast on store
+            del diff
         return out
