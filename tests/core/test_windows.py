@@ -274,3 +274,16 @@ def test_block_fusion_rejects_other_norms():
     block = BasicTransformerBlock(C, HEADS, C // HEADS, norm_type="ada_norm", num_embeds_ada_norm=10)
     with pytest.raises(ValueError, match="layer_norm"):
         apply_block_fusion(block)
+
+
+@pytest.mark.parametrize("frames", [27, 64])
+def test_block_fusion_row_chunks_equal_one_batch(frames):
+    """The views are batched per chunk of B·H·W rows; chunking (here one row at a time) changes nothing."""
+    basic, _ = _blocks()
+    x = _x(3, frames)
+    with torch.no_grad():
+        expected = _reference_block(basic, x)
+        handle = apply_block_fusion(basic, 16, 4, "pyramid", chunk_bytes=1)
+        out = basic(x)
+    handle.remove()
+    assert (out - expected).abs().max() <= 1e-5
