@@ -36,15 +36,16 @@ class OpAttnProcessor:
     projected one head group at a time).
 
     Why head groups: attention heads are independent (and so is any per-channel blend), so projecting and
-    attending ``g`` heads at a time is exact, and peak memory drops from q+k+v+out (4x the output) to the
-    output plus one group's q/k/v (``group_bytes``). Measured on the FreeLong layer at F=256: 3.0x -> 5.4x
-    less peak memory than the official code (docs/benchmarks.md).
+    attending ``g`` heads at a time is exact, and the output projection can be accumulated group by group
+    (``to_out(o) = b + sum_g o_g W_g^T``). Peak memory drops from q+k+v+out+to_out (5x the output) to the
+    output plus one group's q/k/v (``group_bytes``); see docs/benchmarks.md for the FreeLong layer.
     """
 
     def __init__(self, site: AttentionSite, op: AttentionOp, group_bytes: int = 256 << 20):
         self.site = site
         self.op = op
         self.group_bytes = group_bytes
+        self._stacked: dict[int, tuple] = {}  # head-group start -> (weights key, stacked q/k/v weight, bias)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None:
@@ -58,27 +59,64 @@ class OpAttnProcessor:
         inner = attn.to_q.out_features
         head_dim = inner // attn.heads
         group = max(1, min(attn.heads, self.group_bytes // (3 * n * seq * head_dim * hidden_states.element_size())))
-        out = hidden_states.new_empty(n, seq, inner)  # (N, S, heads*D): the attention output before to_out
+        out_proj = _GroupedOutput(attn.to_out[0], n * seq, hidden_states)
         for h0 in range(0, attn.heads, group):
             g = min(group, attn.heads - h0)
             cols = slice(h0 * head_dim, (h0 + g) * head_dim)
-            q, k, v = (_project(proj, hidden_states, cols).view(n, seq, g, head_dim).transpose(1, 2)
-                       for proj in (attn.to_q, attn.to_k, attn.to_v))  # (N, g, S, D)
+            qkv = self._project_qkv(attn, hidden_states, cols).view(n, seq, 3, g, head_dim)  # (N, S, 3, g, D)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (N, g, S, D) each, views
             if attn.norm_q is not None:
                 q = attn.norm_q(q)
             if attn.norm_k is not None:
                 k = attn.norm_k(k)
-            out[..., cols] = self.op(q, k, v, self.site.layout).transpose(1, 2).reshape(n, seq, g * head_dim)
-            del q, k, v
-        out = attn.to_out[1](attn.to_out[0](out))
+            heads_out = self.op(q, k, v, self.site.layout)  # (N, g, S, D)
+            del q, k, v, qkv
+            out_proj.add(heads_out.transpose(1, 2).reshape(n * seq, g * head_dim), cols)
+        out = attn.to_out[1](out_proj.result().view(n, seq, -1))
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
 
+    def _project_qkv(self, attn, x: torch.Tensor, cols: slice) -> torch.Tensor:
+        """q, k and v of the heads in ``cols`` from one GEMM over the stacked weight rows ``(N, S, 3*g*D)``.
 
-def _project(proj: torch.nn.Module, x: torch.Tensor, cols: slice) -> torch.Tensor:
-    """Output features ``cols`` of a linear projection; other modules (e.g. LoRA-wrapped) project fully."""
-    if type(proj) is torch.nn.Linear:
-        bias = proj.bias[cols] if proj.bias is not None else None
-        return F.linear(x, proj.weight[cols], bias)
-    return proj(x)[..., cols]
+        One GEMM per group instead of three keeps small head groups efficient (three 80-wide projections
+        cost 1.25x one 240-wide one on CPU). The stacked weights are built once per group and weight version.
+        """
+        projs = (attn.to_q, attn.to_k, attn.to_v)
+        if not all(type(p) is torch.nn.Linear for p in projs):  # e.g. LoRA-wrapped: project fully, then slice
+            return torch.cat([p(x)[..., cols] for p in projs], dim=-1)
+        key = (cols.start, cols.stop, *((p.weight.data_ptr(), p.weight._version) for p in projs))
+        if self._stacked.get(cols.start, (None,))[0] != key:
+            weight = torch.cat([p.weight[cols] for p in projs])  # (3*g*D, C)
+            bias = torch.cat([p.bias[cols] for p in projs]) if all(p.bias is not None for p in projs) else None
+            if bias is None and any(p.bias is not None for p in projs):
+                bias = torch.cat([p.bias[cols] if p.bias is not None else weight.new_zeros(cols.stop - cols.start)
+                                  for p in projs])
+            self._stacked[cols.start] = (key, weight, bias)
+        _, weight, bias = self._stacked[cols.start]
+        return F.linear(x, weight, bias)
+
+
+class _GroupedOutput:
+    """``to_out[0]`` applied group by group: ``b + sum_g o_g W[:, cols_g]^T`` accumulated in place (plain Linear);
+    any other module gets the concatenated input at the end."""
+
+    def __init__(self, linear: torch.nn.Module, rows: int, like: torch.Tensor):
+        self.linear = linear
+        if type(linear) is torch.nn.Linear:
+            self.acc = like.new_zeros(rows, linear.out_features)  # (N*S, C_out)
+            if linear.bias is not None:
+                self.acc += linear.bias
+            self.parts = None
+        else:
+            self.acc, self.parts = None, like.new_empty(rows, linear.in_features)
+
+    def add(self, heads_out: torch.Tensor, cols: slice) -> None:
+        if self.parts is not None:
+            self.parts[:, cols] = heads_out
+        else:
+            self.acc.addmm_(heads_out.to(self.acc.dtype), self.linear.weight[:, cols].T)
+
+    def result(self) -> torch.Tensor:
+        return self.acc if self.parts is None else self.linear(self.parts)
