@@ -134,25 +134,40 @@ class AnimateDiffAdapter(ModelAdapter):
                                                block=block, pos_embed=getattr(block, "pos_embed", None)))
         for name, level, part, transformer in self._unet_modules("attentions"):
             for b, block in enumerate(transformer.transformer_blocks):
-                attn = getattr(block, "attn2", None)
-                if attn is not None and attn.is_cross_attention:
-                    sites.append(AttentionSite(name=f"{name}.transformer_blocks.{b}.attn2", module=attn, kind="cross",
-                                               level=level, part=part, index=len(sites), block=block))
+                for attn_name, kind in (("attn1", "spatial"), ("attn2", "cross")):
+                    attn = getattr(block, attn_name, None)
+                    if attn is None or attn.is_cross_attention != (kind == "cross"):
+                        continue
+                    sites.append(AttentionSite(name=f"{name}.transformer_blocks.{b}.{attn_name}", module=attn,
+                                               kind=kind, level=level, part=part, index=len(sites), block=block))
         return sites
 
     def _install_layout_hooks(self) -> None:
-        by_module = {}
-        for name, _, _, mm in self._unet_modules("motion_modules"):
-            by_module[id(mm)] = [s for s in self._sites if s.name.startswith(f"{name}.")]
+        """Temporal sites learn (B, F, H, W) from their motion module's input and ``num_frames``; spatial
+        sites learn H, W from their 2D transformer's input and (B, F) from the UNet's 5-D sample."""
+        video = {}  # batch and frames of the current UNet call
 
-            def record(module, args, kwargs):
-                x = args[0] if args else kwargs["hidden_states"]  # (B*F, C, H, W)
-                frames = kwargs.get("num_frames", args[4] if len(args) > 4 else 1)
-                layout = TokenLayout("temporal", x.shape[0] // frames, frames, x.shape[2], x.shape[3])
-                for site in by_module[id(module)]:
-                    site.layout = layout
+        def record_video(module, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]  # (B, C, F, H, W)
+            video.update(batch=sample.shape[0], frames=sample.shape[2])
 
-            self._hooks.append(mm.register_forward_pre_hook(record, with_kwargs=True))
+        self._hooks.append(self.pipe.unet.register_forward_pre_hook(record_video, with_kwargs=True))
+        for attr, kind in (("motion_modules", "temporal"), ("attentions", "spatial")):
+            for name, _, _, module in self._unet_modules(attr):
+                sites = [s for s in self._sites if s.name.startswith(f"{name}.") and s.kind == kind]
+
+                def record(module, args, kwargs, sites=sites, kind=kind):
+                    x = args[0] if args else kwargs["hidden_states"]  # (B*F, C, H, W)
+                    if kind == "temporal":  # the mid block passes num_frames positionally (diffusers 0.42.1)
+                        frames = kwargs.get("num_frames", args[4] if len(args) > 4 else None)
+                    else:
+                        frames = video.get("frames")
+                    frames = frames or x.shape[0]
+                    layout = TokenLayout(kind, x.shape[0] // frames, frames, x.shape[2], x.shape[3])
+                    for site in sites:
+                        site.layout = layout
+
+                self._hooks.append(module.register_forward_pre_hook(record, with_kwargs=True))
 
     @contextlib.contextmanager
     def prepared(self, num_frames: int) -> Iterator[None]:

@@ -69,6 +69,7 @@ class ModelAdapter:
         self.device = device
         self._hooks: list[Any] = []
         self._sites: list[AttentionSite] | None = None
+        self.attention_sites()  # find the sites and start keeping their layouts current
 
     # ------------------------------------------------------------------------------------ loading
 
