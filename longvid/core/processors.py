@@ -28,6 +28,24 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout 
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def input_norms(attn, hidden_states: torch.Tensor, temb=None) -> torch.Tensor:
+    """The norms a diffusers ``Attention`` applies to its input before projecting (AttnProcessor2_0 order)."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states
+
+
+def qk_norms(attn, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's per-head q/k norms (``qk_norm``), if it has them. q/k ``(N, heads, S, D)``."""
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k
+
+
 class OpAttnProcessor:
     """Self-attention processor for diffusers' ``Attention`` (AnimateDiff motion modules and other UNets).
 
@@ -51,10 +69,7 @@ class OpAttnProcessor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(f"{self.site.name}: longvid attention ops patch self-attention without masks only")
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states = input_norms(attn, hidden_states, temb)
         n, seq, _ = hidden_states.shape  # (N, S, C)
         inner = attn.to_q.out_features
         head_dim = inner // attn.heads
@@ -65,10 +80,7 @@ class OpAttnProcessor:
             cols = slice(h0 * head_dim, (h0 + g) * head_dim)
             qkv = self._project_qkv(attn, hidden_states, cols).view(n, seq, 3, g, head_dim)  # (N, S, 3, g, D)
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (N, g, S, D) each, views
-            if attn.norm_q is not None:
-                q = attn.norm_q(q)
-            if attn.norm_k is not None:
-                k = attn.norm_k(k)
+            q, k = qk_norms(attn, q, k)
             heads_out = self.op(q, k, v, self.site.layout)  # (N, g, S, D)
             del q, k, v, qkv
             out_proj.add(heads_out.transpose(1, 2).reshape(n * seq, g * head_dim), cols)

@@ -27,6 +27,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention import _chunked_feed_forward
 from torch import nn
 
+from longvid.core.processors import input_norms, qk_norms
+
 WEIGHTINGS = ("pyramid", "flat", "delayed_reverse_sawtooth")
 BLOCK_HOOK_NAME = "longvid.freenoise.block"
 
@@ -199,23 +201,21 @@ class WindowFusedAttnProcessor:
         self.stride = stride
         self.weighting = weighting
         self.pos_embed = pos_embed
+        self._positions: dict[tuple, tuple] = {}  # (len, dtype, device, weight versions) -> projected W·pe
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
     ):
         self._check_call(attn, hidden_states, encoder_hidden_states, attention_mask)
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states = input_norms(attn, hidden_states, temb)
         n, frames, _ = hidden_states.shape  # (N, F, C)
         projections = (attn.to_q, attn.to_k, attn.to_v)
         q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in projections)  # (N, h, F, D), projected once
         plan = fusion_plan(frames, self.window, self.stride, self.weighting)
         pos = self._projected_positions(attn, hidden_states, len_=plan.views[0][1] - plan.views[0][0])
         if pos is None:  # norms can run once over all frames
-            q, k = _qk_norm(attn, q, k)
+            q, k = qk_norms(attn, q, k)
         out = self._fused_attention(attn, q, k, v, plan, pos)  # (N, h, F, D)
         out = out.transpose(1, 2).reshape(n, frames, -1).to(q.dtype)  # (N, F, h·D)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -238,17 +238,23 @@ class WindowFusedAttnProcessor:
         """SDPA over one view; ``pos`` = projected (pq, pk, pv), each ``(h, L, D)``, added window-locally."""
         if pos is not None:
             q, k, v = q + pos[0], k + pos[1], v + pos[2]
-            q, k = _qk_norm(attn, q, k)
+            q, k = qk_norms(attn, q, k)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)  # (N, h, L, D)
 
     def _projected_positions(self, attn, x: torch.Tensor, len_: int):
-        """``W·pe[:len_]`` for q, k and v, each ``(h, len_, D)``; None without ``pos_embed``."""
+        """``W·pe[:len_]`` for q, k and v, each ``(h, len_, D)``; None without ``pos_embed``.
+
+        Built once per geometry (view length, dtype, device, weights), not on every denoising step.
+        """
         if self.pos_embed is None:
             return None
-        zeros = x.new_zeros(1, len_, x.shape[-1])  # (1, L, C)
-        pe = self.pos_embed(zeros).to(x.dtype)  # (1, L, C): the positional term alone
         projections = (attn.to_q, attn.to_k, attn.to_v)
-        return tuple(_heads(_linear_part(proj, pe), attn.heads)[0] for proj in projections)
+        key = (len_, x.dtype, x.device, *(getattr(p, "weight", x)._version for p in projections))
+        if key not in self._positions:
+            zeros = x.new_zeros(1, len_, x.shape[-1])  # (1, L, C)
+            pe = self.pos_embed(zeros).to(x.dtype)  # (1, L, C): the positional term alone
+            self._positions = {key: tuple(_heads(_linear_part(p, pe), attn.heads)[0] for p in projections)}
+        return self._positions[key]
 
     def _check_call(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> None:
         if encoder_hidden_states is not None or attention_mask is not None:
@@ -269,14 +275,6 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``(N, S, h·D) -> (N, h, S, D)``."""
     n, seq, inner = x.shape
     return x.view(n, seq, heads, inner // heads).transpose(1, 2)
-
-
-def _qk_norm(attn, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    return q, k
 
 
 def _linear_part(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:

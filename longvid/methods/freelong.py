@@ -80,6 +80,7 @@ class FreeLong(Method):
         return problems
 
     def apply(self, adapter: Any, ctx: Any) -> None:
+        from longvid.core.processors import sdpa
         from longvid.core.spectral import SpectralBlendAttention
 
         cfg = self.config
@@ -98,20 +99,16 @@ class FreeLong(Method):
             local_only = site.kind == "temporal" and site.level == 0 and cfg.full_resolution == "local"
             op = SpectralBlendAttention(window=window, window_mode=cfg.window_mode, d_s=cfg.d_s, d_t=cfg.d_t,
                                         grid=cfg.grid, local_only=local_only)
-            self.on_remove(adapter.install_op(site, _StepGated(op, ctx, *cfg.steps)))
+            self.on_remove(adapter.install_op(site, _StepGated(op, sdpa, ctx, *cfg.steps)))
 
 
 class _StepGated:
-    """Run ``op`` only in the [start, end) fraction of the denoising steps; vanilla attention elsewhere."""
+    """Run ``op`` only in the [start, end) fraction of the denoising steps; ``vanilla`` attention elsewhere."""
 
-    def __init__(self, op, ctx, start: float, end: float):
-        self.op, self.ctx, self.start, self.end = op, ctx, start, end
+    def __init__(self, op, vanilla, ctx, start: float, end: float):
+        self.op, self.vanilla, self.ctx, self.start, self.end = op, vanilla, ctx, start, end
 
     def __call__(self, q, k, v, layout):
-        total = max(self.ctx.total_steps, 1) if self.ctx is not None else 1
-        progress = self.ctx.step / total if self.ctx is not None else 0.0
-        if self.start <= progress < self.end:
-            return self.op(q, k, v, layout)
-        from longvid.core.processors import sdpa
-
-        return sdpa(q, k, v, layout)
+        progress = self.ctx.step / max(self.ctx.total_steps, 1) if self.ctx is not None else 0.0
+        active = self.start <= progress < self.end
+        return (self.op if active else self.vanilla)(q, k, v, layout)
