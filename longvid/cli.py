@@ -42,7 +42,8 @@ def friendly(fn):
         except LongvidError as e:
             if os.environ.get("LONGVID_DEBUG") not in (None, "", "0"):
                 raise
-            err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
+            style = "bold red" if e.exit_code == 2 else "bold yellow"
+            err.print(f"[{style}]{e.label}:[/] {escape(str(e))}", markup=True, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; no partial output was kept")
@@ -87,6 +88,8 @@ def generate(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and shapes; load nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar JSON to stdout.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard this output's checkpoint instead of "
+                                                            "resuming it.")] = False,
 ):
     """Generate a video from a recipe.
 
@@ -95,6 +98,11 @@ def generate(
       longvid generate --recipe demo
       longvid generate --recipe wan-t2v-1.3b --prompt "a red fox running through snow" --seed 7
       longvid generate --recipe ./my.yaml video.num_frames=81 sampler.steps=30 --out outputs/
+      longvid generate --recipe wan-t2v-1.3b runtime.checkpoint=on_signal   # SIGTERM: checkpoint, exit 75
+
+    \b
+    Exit codes: 0 done; 2 bad input or a load/run error (one line); 75 stopped by SIGTERM/SIGUSR1 after writing
+    a checkpoint (rerun the same command to resume); 130 interrupted by Ctrl-C (nothing kept).
     """
     from longvid.recipe.resolve import resolve, to_yaml
 
@@ -108,10 +116,10 @@ def generate(
     from longvid.runner import generate as run
 
     if quiet or as_json:
-        result = run(resolved)
+        result = run(resolved, restart=restart)
     else:
         with _progress() as progress:
-            result = run(resolved, progress=progress)
+            result = run(resolved, progress=progress, restart=restart)
     if as_json:
         print(json.dumps(result.sidecar, indent=2))
     elif not quiet:
@@ -228,7 +236,14 @@ def _shape_summary(recipe) -> str:
         tokens = f"temporal attention: {h_lat * w_lat} sequences of {f_lat} frames at full resolution"
     else:
         tokens = f"self-attention tokens: {f_lat * (h_lat // p) * (w_lat // p)} ({f_lat} x {h_lat // p} x {w_lat // p})"
-    return f"# latent shape {shape}; {tokens}"
+    summary = f"# latent shape {shape}; {tokens}"
+    if recipe.stages:
+        from longvid.recipe.stages import plan_stages
+
+        parts = [f"{p.name} {p.width}x{p.height}x{p.num_frames} steps {p.start_step}..{p.sampler.steps - 1}"
+                 + (f" after a {p.upsample} hand-off" if p.upsample else "") for p in plan_stages(recipe)]
+        summary += "\n# stages: " + " -> ".join(parts)
+    return summary
 
 
 def _quiet_libraries() -> None:
@@ -257,7 +272,9 @@ class _progress:
 
     def __call__(self, event: str, done: int, total: int) -> None:
         if event not in self.tasks:
-            self.tasks[event] = self.bar.add_task("denoise" if event == "step" else event, total=total)
+            kind, _, stage = event.partition(":")  # "step", "step:<stage>", "handoff:<stage>", "decode"
+            label = {"step": "denoise", "handoff": "upsample"}.get(kind, kind) + (f" {stage}" if stage else "")
+            self.tasks[event] = self.bar.add_task(label, total=total)
         self.bar.update(self.tasks[event], completed=done, total=total)
 
     def __exit__(self, *exc):

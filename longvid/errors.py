@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 
 class LongvidError(Exception):
-    """Base class: ``str(err)`` is the one-line message shown to the user."""
+    """Base class: ``str(err)`` is the one-line message shown to the user, after ``label:``."""
 
     exit_code = 2
+    label = "error"
 
 
 @dataclass

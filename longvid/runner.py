@@ -1,11 +1,16 @@
 """Orchestration of one generation: the flow of DESIGN.md §2, and nothing else.
 
-    adapter = load(recipe.model)                  # diffusers components
-    cond    = adapter.encode(prompt)              # text conditioning (per keyframe for multi-prompt)
-    with adapter.prepared(F), applied(methods):   # hooks in, always removed
-        x = noise(shape, generator)               # the noise seam (FreeNoise) or plain Gaussian
-        x = sample(denoise, x, timesteps)         # our loop; methods may wrap the denoiser
+    adapter = load(recipe.model)                       # or a loaded model shared by many runs
+    cond    = adapter.encode(prompt, sampler)          # text conditioning (per keyframe for multi-prompt)
+    for stage in plan_stages(recipe):                  # one stage, or coarse -> fine
+        x = noise | renoise(handoff(x), t_start)       # the noise seam (FreeNoise) or Gaussian
+        with adapter.prepared(F), applied(methods):    # the stage's methods: hooks in, always removed
+            x = adapter.sample_stage(job)              # our loop (or the family's); reports every step
     decode_stream(x) -> MP4 (atomic) + JSON sidecar
+
+Every step reports to :class:`_Steps`, which drives progress, writes checkpoints (``runtime.checkpoint``)
+and stops the run cleanly when SIGTERM/SIGUSR1 arrived; a rerun of the same recipe resumes from the
+checkpoint bit-identically.
 """
 
 from __future__ import annotations
@@ -20,18 +25,23 @@ import torch
 
 from longvid import registry
 from longvid.core.context import GenerationContext
+from longvid.core.guidance import guided
 from longvid.core.noise import gaussian_noise
-from longvid.core.sampler import sample, set_timesteps
-from longvid.errors import OutOfMemoryError
+from longvid.core.sampler import LoopState, StageJob, scheduler_state, set_timesteps
+from longvid.core.stages import handoff, renoise
+from longvid.errors import OutOfMemoryError, RecipeError, Problem
+from longvid.interrupts import StopRequests
+from longvid.io.checkpoint import Checkpoint, CheckpointStore, Checkpointed, checkpoint_dir, recipe_hash
 from longvid.io.paths import check_writable, output_path
 from longvid.io.sidecar import environment_info, sidecar_path, write_sidecar
 from longvid.io.video import VideoWriter
 from longvid.methods.base import Method, applied
-from longvid.models.base import Conditioning, ModelAdapter
+from longvid.models.base import Conditioning, ModelAdapter, uses_cfg
 from longvid.recipe.resolve import to_dict
 from longvid.recipe.schema import Recipe
+from longvid.recipe.stages import StagePlan, plan_stages
 
-#: progress(event, done, total) with event "step" or "decode"
+#: progress(event, done, total); events: "step" (one stage) or "step:<stage>", "handoff:<stage>", "decode"
 Progress = Callable[[str, int, int], None]
 
 
@@ -48,65 +58,199 @@ def load_adapter(recipe: Recipe) -> ModelAdapter:
     return registry.model_adapter(recipe.model.family).load(recipe)
 
 
-def build_methods(recipe: Recipe) -> list[Method]:
-    return [registry.method_class(name)(config) for name, config in recipe.methods.items()]
+def build_methods(recipe: Recipe, names: tuple[str, ...] | list[str] | None = None) -> list[Method]:
+    """Fresh method instances (no state carried over) for ``names`` (default: every method of the recipe)."""
+    names = list(recipe.methods) if names is None else names
+    return [registry.method_class(name)(recipe.methods[name]) for name in names]
 
 
 @torch.no_grad()  # inference only: an autograd graph would keep the text encoder's activations alive
 def encode(adapter: ModelAdapter, recipe: Recipe) -> Conditioning:
-    """Text conditioning; for ``{frame: prompt}`` every keyframe prompt is encoded once."""
+    """Text conditioning; for ``{frame: prompt}`` every keyframe prompt is encoded once. The negative prompt is
+    encoded when any stage guides."""
+    sampler = recipe.sampler
+    plans = plan_stages(recipe)
+    guided_plan = next((p for p in plans if uses_cfg(p.sampler)), None)
+    if guided_plan is not None:
+        sampler = guided_plan.sampler
     if isinstance(recipe.prompt, dict):
-        keyframes = {int(k): adapter.encode(p, recipe.negative_prompt) for k, p in sorted(recipe.prompt.items(),
-                                                                                         key=lambda kv: int(kv[0]))}
+        keyframes = {int(k): adapter.encode(p, recipe.negative_prompt, sampler)
+                     for k, p in sorted(recipe.prompt.items(), key=lambda kv: int(kv[0]))}
         first = keyframes[min(keyframes)]
         return Conditioning(first.positive, first.negative, keyframes=keyframes)
-    return adapter.encode(recipe.prompt or "", recipe.negative_prompt)
+    return adapter.encode(recipe.prompt or "", recipe.negative_prompt, sampler)
 
 
-def denoise_latents(adapter: ModelAdapter, recipe: Recipe, methods: list[Method] | None = None,
-                    progress: Progress | None = None, timings: dict[str, float] | None = None) -> torch.Tensor:
-    """Everything up to the final latents: conditioning, noise, methods, the loop."""
+def denoise_latents(adapter: ModelAdapter, recipe: Recipe, progress: Progress | None = None,
+                    timings: dict[str, Any] | None = None, *, store: CheckpointStore | None = None,
+                    resume: Checkpoint | None = None, stop: StopRequests | None = None) -> torch.Tensor:
+    """Everything up to the final latents: conditioning, then every stage (noise or hand-off, methods, loop)."""
     timings = {} if timings is None else timings
-    methods = build_methods(recipe) if methods is None else methods
-    video = recipe.video
-    device = adapter.device
+    plans = plan_stages(recipe)
+    steps = _Steps(recipe, plans, progress, store, stop)
+    if resume is not None and resume.data.get("done"):
+        timings["resumed_from"] = {"stage": resume.data["stage"], "step": resume.data["step"]}
+        return resume.tensors["loop.latents"].to(adapter.device)
     tick = time.perf_counter()
     cond = encode(adapter, recipe)
     timings["encode_s"] = time.perf_counter() - tick
-
-    shape = adapter.latent_shape(video.num_frames, video.height, video.width)
-    ctx = GenerationContext(num_frames=video.num_frames, height=video.height, width=video.width,
-                            latent_frames=shape[2], latent_height=shape[3], latent_width=shape[4],
-                            total_steps=recipe.sampler.steps)
     # A CPU generator draws the same noise on every device (diffusers' randn_tensor moves it over).
     generator = torch.Generator("cpu").manual_seed(recipe.seed)
-    scheduler = adapter.make_scheduler()
-    timesteps = set_timesteps(scheduler, recipe.sampler.steps, device)
-    builders = [b for b in (m.noise_builder(adapter) for m in methods) if b is not None]
-    noise = (builders[-1] if builders else gaussian_noise)(shape, generator, dtype=getattr(
-        adapter, "latent_dtype", torch.float32), device=device)
-    x = adapter.prepare_latents(noise, scheduler)
-
-    tick = time.perf_counter()
-    with adapter.prepared(video.num_frames), applied(methods, adapter, ctx):
-        denoise = adapter.denoise  # denoise(x, t, cond); methods may wrap it (context windows, per-frame prompts)
-        for method in methods:
-            denoise = method.wrap_denoiser(denoise, adapter, ctx)
-        step = (lambda i, n, _: progress("step", i, n)) if progress else None
-        x = sample(lambda x_, t_: denoise(x_, t_, cond), x, scheduler, timesteps, step_kwargs=adapter.step_kwargs(scheduler, generator), ctx=ctx,
-                   callback=step)
-    timings["denoise_s"] = time.perf_counter() - tick
+    steps.generator = generator
+    first = 0
+    if resume is not None:
+        first = int(resume.data["stage_index"])
+        generator.set_state(resume.tensors["generator"])
+        timings["resumed_from"] = {"stage": resume.data["stage"], "step": resume.data["step"]}
+    stage_timings = timings.setdefault("stages", [])
+    x = None
+    for plan in plans[first:]:
+        state = resume if (resume is not None and plan.index == first) else None
+        x = _run_stage(adapter, recipe, plan, plans, cond, generator, x, steps, state, stage_timings)
+    timings["denoise_s"] = sum(s.get("denoise_s", 0.0) + s.get("handoff_s", 0.0) for s in stage_timings)
     return x
 
 
+def _run_stage(adapter: ModelAdapter, recipe: Recipe, plan: StagePlan, plans: list[StagePlan], cond, generator,
+               x: torch.Tensor | None, steps: "_Steps", resume: Checkpoint | None, stage_timings: list) -> torch.Tensor:
+    """One stage: its starting latents (noise, hand-off + re-noise, or a checkpoint), its methods, its loop."""
+    device = adapter.device
+    shape = adapter.latent_shape(plan.num_frames, plan.height, plan.width)
+    ctx = GenerationContext(num_frames=plan.num_frames, height=plan.height, width=plan.width,
+                            latent_frames=shape[2], latent_height=shape[3], latent_width=shape[4],
+                            total_steps=plan.sampler.steps, step=plan.start_step, stage=plan.name,
+                            stage_index=plan.index, start_step=plan.start_step)
+    scheduler = adapter.make_scheduler(plan.sampler)
+    timesteps = set_timesteps(scheduler, plan.sampler.steps, device, plan.start_step)
+    if steps.store is not None and resume is None:
+        _check_checkpointable(scheduler, plan)
+    methods = build_methods(recipe, plan.methods)
+    builders = [b for b in (m.noise_builder(adapter) for m in methods) if b is not None]
+    noise_fn = builders[-1] if builders else gaussian_noise
+    record: dict[str, Any] = {"name": plan.name, "num_frames": plan.num_frames, "height": plan.height,
+                              "width": plan.width, "steps": plan.sampler.steps, "start_step": plan.start_step,
+                              "strength": plan.strength, "upsample": plan.upsample, "methods": list(plan.methods)}
+    stage_timings.append(record)
+    tick = time.perf_counter()
+    loop_state = None
+    if resume is not None:
+        latents = torch.empty(shape, dtype=torch.float32, device=device)  # replaced by the checkpoint's
+        loop_state = LoopState(int(resume.data["step"]), _prefixed(resume.tensors, "loop."), resume.data["loop"])
+    elif plan.index == 0:
+        noise = noise_fn(shape, generator, dtype=adapter.latent_dtype, device=device)
+        latents = adapter.prepare_latents(noise, scheduler)
+    else:
+        report = steps.progress_fn(f"handoff:{plan.name}")
+        init = handoff(adapter, x, plan, recipe.runtime, report)
+        noise = noise_fn(tuple(init.shape), generator, dtype=init.dtype, device=device)
+        latents = renoise(scheduler, init, noise, timesteps[plan.start_step])
+        record["handoff_s"] = round(time.perf_counter() - tick, 4)
+    tick = time.perf_counter()
+    with adapter.prepared(plan.num_frames), applied(methods, adapter, ctx):
+        if resume is not None:
+            for m in methods:
+                m.load_state_dict(_prefixed(resume.tensors, f"method.{m.name}."),
+                                  resume.data.get("methods", {}).get(m.name, {}))
+        denoise = guided(adapter, plan.sampler, ctx)  # denoise(x, t, cond); methods may wrap it
+        for method in methods:
+            denoise = method.wrap_denoiser(denoise, adapter, ctx)
+        job = StageJob(denoise=denoise, cond=cond, latents=latents, scheduler=scheduler, timesteps=timesteps,
+                       start=plan.start_step, ctx=ctx, generator=generator,
+                       step_kwargs=adapter.step_kwargs(scheduler, generator, plan.sampler),
+                       on_step=steps.reporter(plan, methods), resume=loop_state, plan=plan)
+        x = adapter.sample_stage(job)
+    record["denoise_s"] = round(time.perf_counter() - tick, 4)
+    return x
+
+
+def _check_checkpointable(scheduler, plan: StagePlan) -> None:
+    try:
+        scheduler_state(scheduler)
+    except TypeError as err:
+        raise RecipeError([Problem("runtime.checkpoint", f"{type(scheduler).__name__} cannot be checkpointed "
+                                                         f"({err}); set runtime.checkpoint=off")]) from None
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+class _Steps:
+    """Receives every step of every stage: progress, periodic checkpoints, and a clean stop on a signal."""
+
+    def __init__(self, recipe: Recipe, plans: list[StagePlan], progress: Progress | None,
+                 store: CheckpointStore | None, stop: StopRequests | None):
+        self.recipe, self.plans, self.progress, self.store, self.stop = recipe, plans, progress, store, stop
+        self.every = recipe.runtime.checkpoint_every if recipe.runtime.checkpoint == "every_n" else None
+        self.generator: torch.Generator | None = None
+
+    def progress_fn(self, event: str) -> Callable[[int, int], None] | None:
+        if self.progress is None:
+            return None
+        return lambda done, total: self.progress(event, done, total)
+
+    def reporter(self, plan: StagePlan, methods: list[Method]):
+        event = "step" if len(self.plans) == 1 else f"step:{plan.name}"
+
+        def on_step(done: int, capture: Callable[[], LoopState]) -> None:
+            if self.progress is not None:
+                self.progress(event, done - plan.start_step, plan.steps_run)
+            stopping = self.stop is not None and self.stop.requested is not None
+            periodic = (self.every is not None and (done - plan.start_step) % self.every == 0
+                        and done < plan.sampler.steps)
+            if self.store is not None and (stopping or periodic):
+                self.save(plan, capture(), methods)
+            if stopping and self.store is not None:
+                raise self.stopped(plan, done)
+
+        return on_step
+
+    def save(self, plan: StagePlan, state: LoopState, methods: list[Method], done: bool = False) -> None:
+        tensors = {f"loop.{k}": v for k, v in state.tensors.items()}
+        tensors["generator"] = self.generator.get_state() if self.generator is not None else torch.empty(0)
+        method_data = {}
+        for m in methods:
+            t, d = m.state_dict()
+            tensors.update({f"method.{m.name}.{k}": v for k, v in t.items()})
+            method_data[m.name] = d
+        self.store.save({"recipe_name": self.recipe.name, "stage": plan.name, "stage_index": plan.index,
+                         "step": state.step, "total_steps": plan.sampler.steps, "done": done, "loop": state.data,
+                         "methods": method_data}, tensors)
+
+    def stopped(self, plan: StagePlan, step: int) -> Checkpointed:
+        where = f"stage {plan.name}, " if len(self.plans) > 1 else ""
+        what = f"{where}step {step}/{plan.sampler.steps}" if step < plan.sampler.steps else "the end of denoising"
+        return Checkpointed(f"{self.stop.requested}: checkpointed at {what} -> {self.store.folder}/; "
+                            "rerun the same command to resume")
+
+
 def generate(recipe: Recipe, *, adapter: ModelAdapter | None = None, write: bool = True,
-             progress: Progress | None = None) -> Result:
-    """Run ``recipe`` end to end; write the MP4 and its sidecar unless ``write`` is False."""
+             progress: Progress | None = None, restart: bool = False) -> Result:
+    """Run ``recipe`` end to end; write the MP4 and its sidecar unless ``write`` is False.
+
+    ``adapter``: a loaded model to use (it must have the recipe's load key); one is loaded and closed
+    otherwise. ``restart``: discard a checkpoint of this output instead of resuming it.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _generate(recipe, adapter, write, progress, restart)
+    finally:
+        torch.set_num_threads(threads)  # runtime.threads is this run's, not the caller's process-wide setting
+
+
+def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progress: Progress | None,
+              restart: bool) -> Result:
     start = time.perf_counter()
-    timings: dict[str, float] = {}
+    timings: dict[str, Any] = {}
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
     path = _output_file(recipe) if write else None  # fail on an existing file before loading
+    store, resume = None, None
+    if path is not None:
+        store = CheckpointStore(checkpoint_dir(path), recipe_hash(to_dict(recipe)))
+        if restart:
+            store.discard()
+        resume = store.load()  # another recipe's checkpoint is refused here, before any loading
     own_adapter = adapter is None
     if own_adapter:
         tick = time.perf_counter()
@@ -114,12 +258,17 @@ def generate(recipe: Recipe, *, adapter: ModelAdapter | None = None, write: bool
         timings["load_s"] = time.perf_counter() - tick
     if adapter.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(adapter.device)
+    catching = store is not None and recipe.runtime.checkpoint != "off"
     try:
-        latents = denoise_latents(adapter, recipe, progress=progress, timings=timings)
-        tick = time.perf_counter()
-        if path is not None:
-            _write_video(adapter, recipe, latents, path, progress)
-        timings["decode_s"] = time.perf_counter() - tick
+        adapter.check_run(recipe)
+        with StopRequests(enabled=catching) as stop:
+            steps_store = store if catching or resume is not None else None
+            latents = denoise_latents(adapter, recipe, progress=progress, timings=timings, store=steps_store,
+                                      resume=resume, stop=stop if catching else None)
+            tick = time.perf_counter()
+            if path is not None:
+                _write_video(adapter, recipe, latents, path, progress, stop if catching else None, store)
+            timings["decode_s"] = time.perf_counter() - tick
     except torch.OutOfMemoryError as err:
         v = recipe.video
         raise OutOfMemoryError(f"video.num_frames: out of memory at {v.num_frames} frames {v.width}x{v.height}; "
@@ -128,22 +277,28 @@ def generate(recipe: Recipe, *, adapter: ModelAdapter | None = None, write: bool
         if own_adapter:
             adapter.close()
     timings["total_s"] = time.perf_counter() - start
+    stages = timings.pop("stages", [])
+    resumed = timings.pop("resumed_from", None)
     sidecar = {
         "longvid_sidecar": 1,
         "output": str(path) if path else None,
         "recipe": to_dict(recipe),
         "seed": recipe.seed,
         "latent_shape": list(latents.shape),
+        "stages": stages,
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "peak_memory": _peak_memory(adapter.device),
         "environment": environment_info(adapter.device),
     }
+    if resumed is not None:
+        sidecar["resumed_from"] = resumed
     if path is not None:
         write_sidecar(sidecar_path(path), sidecar, overwrite=recipe.output.overwrite)
         if recipe.output.save_latents:
             tmp = path.with_name(f".{path.stem}.latents.partial")
             torch.save(latents.cpu(), tmp)
             tmp.replace(path.with_suffix(".latents.pt"))
+        store.discard()  # finished: the checkpoint has served its purpose
     return Result(path, latents, sidecar)
 
 
@@ -161,14 +316,21 @@ def _output_file(recipe: Recipe) -> Path:
 
 
 def _write_video(adapter: ModelAdapter, recipe: Recipe, latents: torch.Tensor, path: Path,
-                 progress: Progress | None) -> None:
-    """Stream decoded chunks straight into the encoder: the whole video is never held in memory."""
+                 progress: Progress | None, stop: StopRequests | None, store: CheckpointStore | None) -> None:
+    """Stream decoded chunks straight into the encoder: the whole video is never held in memory. A stop
+    request between chunks keeps the final latents as a checkpoint (the rerun only decodes)."""
     out = recipe.output
     pix_fmt = "bgr0" if out.codec == "ffv1" else "yuv420p"
     done, total = 0, recipe.video.num_frames
     with VideoWriter(path, fps=recipe.video.fps, codec=out.codec, crf=out.crf, preset=out.preset, pix_fmt=pix_fmt,
                      overwrite=out.overwrite) as writer:
-        for chunk in adapter.decode_stream(latents):  # (B, 3, f, H, W) in [-1, 1]
+        for chunk in adapter.decode_stream(latents, recipe.runtime):  # (B, 3, f, H, W) in [-1, 1]
+            if stop is not None and stop.requested is not None:
+                plans = plan_stages(recipe)
+                steps = _Steps(recipe, plans, None, store, stop)
+                last = plans[-1]
+                steps.save(last, LoopState(last.sampler.steps, {"latents": latents}), [], done=True)
+                raise steps.stopped(last, last.sampler.steps)
             writer.write(chunk[0])
             done += chunk.shape[2]
             if progress:

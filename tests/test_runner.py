@@ -15,6 +15,7 @@ import longvid
 from longvid import runner
 from longvid.errors import ModelLoadError, OutputExistsError
 from longvid.models.animatediff import AnimateDiffAdapter
+from longvid.models.base import load_key
 from longvid.models.wan import WanAdapter
 from longvid.recipe.resolve import resolve
 from tests.helpers import animatediff_recipe, wan_recipe
@@ -136,7 +137,8 @@ def test_animatediff_from_sd15_folder_and_separate_motion_adapter(sd15_and_motio
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
-    reference = runner.generate(recipe, adapter=AnimateDiffAdapter(pipe, recipe, torch.device("cpu")), write=False)
+    adapter = AnimateDiffAdapter(pipe, load_key(recipe), torch.device("cpu"))
+    reference = runner.generate(recipe, adapter=adapter, write=False)
     assert torch.allclose(result.latents, reference.latents, atol=1e-5, rtol=0)
     assert reference.path is None
 
@@ -188,8 +190,8 @@ def test_no_partial_file_after_a_failure_mid_decode(tiny_wan_dir, tmp_path, monk
     original = WanAdapter.decode_stream
     seen = {}
 
-    def failing(self, latents):
-        chunks = original(self, latents)
+    def failing(self, latents, runtime=None):
+        chunks = original(self, latents, runtime)
         yield next(chunks)  # the writer starts ffmpeg on this chunk: a temporary file now exists
         deadline = time.monotonic() + 10
         while not any(tmp_path.iterdir()) and time.monotonic() < deadline:  # ffmpeg creates it asynchronously

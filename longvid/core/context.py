@@ -39,16 +39,20 @@ class TokenLayout:
 
 @dataclass
 class AttentionSite:
-    """One self-attention module a method may patch, as described by the model adapter.
+    """One attention module a method may patch, as described by the model adapter.
 
     Attributes:
-        name: dotted module path inside the denoiser (``down_blocks.0.motion_modules.0.transformer_blocks.0.attn1``).
+        name: dotted module path from the pipeline (``transformer_2.blocks.3.attn1``,
+            ``unet.down_blocks.0.motion_modules.0.transformer_blocks.0.attn1``).
         module: the diffusers ``Attention`` / ``WanAttention`` module.
         kind: ``temporal`` (attends over frames only), ``spatial``, ``full`` (3D), or ``cross`` (text
-            cross-attention; these sites have no layout).
+            cross-attention; its layout is the grid of its queries).
         level: UNet resolution level, 0 = full latent resolution; 0 for every DiT block.
         part: ``encoder`` (UNet down blocks), ``middle``, ``decoder`` (up blocks), or ``""`` for DiTs.
-        index: position of the site among the sites of its kind (layer index, for per-layer knobs).
+        denoiser: the pipeline component that owns the site (``transformer``, ``transformer_2``, ``unet``):
+            Wan 2.2 A14B has two experts with a site of each kind per block.
+        layer: position of the site among its denoiser's sites of the same kind (0-based, model order): the
+            index per-layer knobs and presets use; it restarts for every denoiser.
         block: the transformer block that owns ``module`` (for block-level hooks), or None.
         pos_embed: an absolute positional-embedding module the block adds to this attention's input
             (AnimateDiff's sinusoidal temporal PE), or None when positions are rotary (Wan) or absent.
@@ -60,7 +64,8 @@ class AttentionSite:
     kind: SiteKind
     level: int = 0
     part: str = ""
-    index: int = 0
+    denoiser: str = ""
+    layer: int = 0
     block: Any = None
     pos_embed: Any = None
     layout: TokenLayout | None = None
@@ -68,7 +73,14 @@ class AttentionSite:
 
 @dataclass
 class GenerationContext:
-    """Per-generation state: the step being run and anything methods need to share with the runner."""
+    """Per-stage state shared by the runner, the loop, guidance and the methods of one stage.
+
+    ``step`` is the *absolute* index into the stage's full schedule of ``total_steps`` (a refine stage with
+    strength 0.7 of 50 steps runs steps 15..49), so step windows (``steps: [0.0, 0.5]``) mean the same
+    fraction of the schedule in every stage and after a resume. ``cfg_branch`` says which guidance branch the
+    current denoiser call computes: ``cond``, ``uncond``, or ``both`` when they are batched together
+    ([uncond, cond] along the batch axis).
+    """
 
     num_frames: int
     height: int
@@ -80,4 +92,12 @@ class GenerationContext:
     step: int = 0
     timestep: float | None = None
     cfg_branch: Literal["cond", "uncond", "both"] = "both"
+    stage: str = "main"
+    stage_index: int = 0
+    start_step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def progress(self) -> float:
+        """``step / total_steps``: where in the schedule the current step is (0 at the first step)."""
+        return self.step / max(self.total_steps, 1)

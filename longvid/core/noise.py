@@ -17,6 +17,8 @@ from typing import Protocol
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from longvid.core.windows import check_window
+
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -81,7 +83,7 @@ def freenoise_noise(
     shuffle shared by the batch, as in the official code); a CUDA generator draws its permutations on its own
     device instead of raising.
     """
-    _check_window(window, stride)
+    check_window(window, stride)
     noise = gaussian_noise(shape, generator, dtype=dtype, device=device)  # (…, F, …)
     dim = frame_dim % noise.ndim
     num_frames = noise.shape[dim]
@@ -117,10 +119,3 @@ def _as_generator_arg(generator: GeneratorArg) -> torch.Generator | list[torch.G
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     return list(generator)
-
-
-def _check_window(window: int, stride: int) -> None:
-    if window < 1:
-        raise ValueError(f"window must be ≥ 1 frame, got {window}")
-    if not 1 <= stride <= window:
-        raise ValueError(f"stride must be between 1 and window ({window}), got {stride}")

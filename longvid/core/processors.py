@@ -4,7 +4,16 @@ An *attention op* replaces only the ``softmax(QK^T)V`` core: it receives the pro
 ``(N, heads, S, D)`` plus the site's :class:`~longvid.core.context.TokenLayout`, and returns the attention
 output in the same layout, before the output projection. Projections, norms and RoPE stay the model's own,
 so one op (FreeLong's spectral blend, a window kernel) works on every model whose adapter installs these
-processors, and no method copies projection code.
+processors, and no method copies projection code. Two optional attributes refine the contract:
+
+- ``op.active() -> bool``: False makes the processor run the model's vanilla attention for this call (a
+  step window); on DiTs that goes through diffusers' ``dispatch_attention_fn``, so attention backends and
+  context parallelism keep working.
+- ``op.pre_rope = True`` (rotary models): the op gets q/k *before* RoPE and a ``rotary=`` helper with the
+  position tables and the token grid (``models/wan.py::WanRotary``), to re-encode positions itself.
+
+Ops see one head group at a time (:func:`head_groups`): heads are independent, so this is exact, and it
+bounds the op's working set.
 """
 
 from __future__ import annotations
@@ -26,6 +35,40 @@ class AttentionOp(Protocol):
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
     """The vanilla op: full attention with torch SDPA."""
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def op_active(op) -> bool:
+    """Whether ``op`` runs for this call (ops without ``active()`` always do)."""
+    active = getattr(op, "active", None)
+    return True if active is None else bool(active())
+
+
+def head_groups(heads: int, bytes_per_head: int, budget: int) -> int:
+    """Heads per group so that one group's q/k/v (``bytes_per_head`` each head) fit ``budget`` bytes."""
+    return max(1, min(heads, budget // max(bytes_per_head, 1)))
+
+
+class StepWindow:
+    """An op active only in the half-open fraction ``[start, end)`` of the schedule (``ctx.progress``).
+
+    The one step-window rule of longvid: a step ``i`` of ``total`` is inside when ``start <= i/total < end``;
+    ``[0, 1)`` is every step, and windows ``[a, b)`` and ``[b, c)`` split the steps without overlap.
+    """
+
+    def __init__(self, op, ctx, start: float, end: float):
+        self.op, self.ctx, self.start, self.end = op, ctx, start, end
+        self.pre_rope = getattr(op, "pre_rope", False)
+
+    def active(self) -> bool:
+        return in_step_window(self.ctx, self.start, self.end) and op_active(self.op)
+
+    def __call__(self, q, k, v, layout, **kwargs):
+        return self.op(q, k, v, layout, **kwargs)
+
+
+def in_step_window(ctx, start: float, end: float) -> bool:
+    """``start <= ctx.step / ctx.total_steps < end`` (see :class:`StepWindow`); True without a context."""
+    return ctx is None or start <= ctx.progress < end
 
 
 def input_norms(attn, hidden_states: torch.Tensor, temb=None) -> torch.Tensor:
@@ -73,15 +116,16 @@ class OpAttnProcessor:
         n, seq, _ = hidden_states.shape  # (N, S, C)
         inner = attn.to_q.out_features
         head_dim = inner // attn.heads
-        group = max(1, min(attn.heads, self.group_bytes // (3 * n * seq * head_dim * hidden_states.element_size())))
-        out_proj = _GroupedOutput(attn.to_out[0], n * seq, hidden_states)
+        active = op_active(self.op)
+        group = head_groups(attn.heads, 3 * n * seq * head_dim * hidden_states.element_size(), self.group_bytes)
+        out_proj = GroupedOutput(attn.to_out[0], n * seq, hidden_states)
         for h0 in range(0, attn.heads, group):
             g = min(group, attn.heads - h0)
             cols = slice(h0 * head_dim, (h0 + g) * head_dim)
             qkv = self._project_qkv(attn, hidden_states, cols).view(n, seq, 3, g, head_dim)  # (N, S, 3, g, D)
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (N, g, S, D) each, views
             q, k = qk_norms(attn, q, k)
-            heads_out = self.op(q, k, v, self.site.layout)  # (N, g, S, D)
+            heads_out = self.op(q, k, v, self.site.layout) if active else sdpa(q, k, v)  # (N, g, S, D)
             del q, k, v, qkv
             out_proj.add(heads_out.transpose(1, 2).reshape(n * seq, g * head_dim), cols)
         out = attn.to_out[1](out_proj.result().view(n, seq, -1))
@@ -110,7 +154,7 @@ class OpAttnProcessor:
         return F.linear(x, weight, bias)
 
 
-class _GroupedOutput:
+class GroupedOutput:
     """``to_out[0]`` applied group by group: ``b + sum_g o_g W[:, cols_g]^T`` accumulated in place (plain Linear);
     any other module gets the concatenated input at the end."""
 

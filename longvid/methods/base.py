@@ -1,7 +1,8 @@
 """The Method protocol: what a long-video method declares and how it attaches to a model.
 
 A method is a small torch-free class (its tensor code lives in ``longvid.core``) with a typed ``Config``
-dataclass. It declares the seams it uses, the families it supports and the methods it conflicts with, so
+dataclass (a :class:`MethodConfig`, so every method can be scoped to stages). It declares the seams it uses,
+the families it supports, the methods it conflicts with and the attention-site kinds it patches, so
 ``resolve()`` can report every incompatibility before any weights load. At run time it may
 
 - provide an initial-noise builder (noise seam),
@@ -15,16 +16,25 @@ runs even when sampling raises.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ClassVar, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator, List, Optional
 
 Seam = str  # "noise" | "rope" | "attention" | "denoiser" | "stages"
+
+
+@dataclass
+class MethodConfig:
+    """Settings every method has; a method's own ``Config`` subclasses this."""
+
+    stages: Optional[List[str]] = None
+    """Names of the recipe's stages this method applies in (``[refine]``). None = every stage."""
 
 
 class Method:
     """Base class of every method; subclasses set the class variables and override what they use."""
 
     name: ClassVar[str] = ""
-    Config: ClassVar[type] = object
+    Config: ClassVar[type] = MethodConfig
     seams: ClassVar[frozenset[Seam]] = frozenset()
     families: ClassVar[frozenset[str]] = frozenset()
     conflicts: ClassVar[frozenset[str]] = frozenset()
@@ -42,6 +52,13 @@ class Method:
         """Torch-free cross-field checks: ``[(dotted key, message)]``. Called by ``resolve()``."""
         return []
 
+    @classmethod
+    def patched_sites(cls, config: Any, spec: Any) -> frozenset[str]:
+        """The attention-site kinds (``temporal``, ``spatial``, ``full``, ``cross``) whose processors or blocks
+        this configuration replaces on a model of ``spec``. Two methods patching a common kind in a common
+        stage conflict (one attention method per site); ``resolve()`` reports the pair."""
+        return frozenset()
+
     def noise_builder(self, adapter: Any) -> Callable | None:
         """An initial-noise builder ``(shape, generator, *, dtype, device, frame_dim) -> Tensor``, or None."""
         return None
@@ -52,6 +69,14 @@ class Method:
 
     def apply(self, adapter: Any, ctx: Any) -> None:
         """Install hooks/processors; register each undo with :meth:`on_remove`."""
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(tensors, plain data)`` a checkpoint must keep so a resumed run continues bit-identically; the
+        methods shipped so far derive everything from the step, so the default is empty."""
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, Any], data: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (called after :meth:`apply`)."""
 
     def on_remove(self, undo: Callable[[], None]) -> None:
         self._removers.append(undo)

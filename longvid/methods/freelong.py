@@ -22,11 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Literal, Optional
 
-from longvid.methods.base import Method
+from longvid.methods.base import Method, MethodConfig
 
 
 @dataclass
-class FreeLongConfig:
+class FreeLongConfig(MethodConfig):
     """Settings of ``methods.freelong``."""
 
     window: Optional[int] = None
@@ -44,9 +44,11 @@ class FreeLongConfig:
     full_resolution: Literal["local", "blend"] = "local"
     """UNets: the full-resolution level uses the local branch only (official) or blends like the others."""
     layers: Optional[List[int]] = None
-    """Indices of the patched self-attention sites (0-based, in model order). None = all."""
+    """Layer indices of the patched self-attention sites (0-based, in model order, per denoiser: on Wan 2.2
+    A14B, ``[3]`` patches block 3 of both experts). None = all."""
     steps: List[float] = field(default_factory=lambda: [0.0, 1.0])
-    """[start, end) fraction of the denoising steps where FreeLong applies; vanilla attention elsewhere."""
+    """[start, end) fraction of the schedule where FreeLong applies (step i of N is inside when
+    start <= i/N < end); vanilla attention elsewhere."""
 
     def __post_init__(self):
         if self.window is not None and self.window < 1:
@@ -79,36 +81,29 @@ class FreeLong(Method):
                                                  "them with methods.freenoise.fusion=none (noise rescheduling only)"))
         return problems
 
+    @classmethod
+    def patched_sites(cls, config: FreeLongConfig, spec: Any) -> frozenset[str]:
+        return frozenset({"temporal" if "temporal" in spec.attention_kinds else "full"})
+
     def apply(self, adapter: Any, ctx: Any) -> None:
-        from longvid.core.processors import sdpa
+        from longvid.core.processors import StepWindow
         from longvid.core.spectral import SpectralBlendAttention
 
         cfg = self.config
         spec = adapter.spec
         window = spec.latent_frames(cfg.window or spec.native_frames)
         sites = adapter.attention_sites("temporal") or adapter.attention_sites("full")
-        chosen = set(range(len(sites))) if cfg.layers is None else set(cfg.layers)
-        if chosen - set(range(len(sites))):
+        layers = 1 + max(s.layer for s in sites)
+        chosen = set(range(layers)) if cfg.layers is None else set(cfg.layers)
+        if chosen - set(range(layers)):
             from longvid.errors import MethodError
 
-            raise MethodError(f"methods.freelong.layers: this model has {len(sites)} self-attention sites "
-                              f"(0..{len(sites) - 1}), got {sorted(chosen)}")
-        for i, site in enumerate(sites):
-            if i not in chosen:
+            raise MethodError(f"methods.freelong.layers: this model has {layers} self-attention layers per "
+                              f"denoiser (0..{layers - 1}), got {sorted(chosen)}")
+        for site in sites:
+            if site.layer not in chosen:
                 continue
             local_only = site.kind == "temporal" and site.level == 0 and cfg.full_resolution == "local"
             op = SpectralBlendAttention(window=window, window_mode=cfg.window_mode, d_s=cfg.d_s, d_t=cfg.d_t,
                                         grid=cfg.grid, local_only=local_only)
-            self.on_remove(adapter.install_op(site, _StepGated(op, sdpa, ctx, *cfg.steps)))
-
-
-class _StepGated:
-    """Run ``op`` only in the [start, end) fraction of the denoising steps; ``vanilla`` attention elsewhere."""
-
-    def __init__(self, op, vanilla, ctx, start: float, end: float):
-        self.op, self.vanilla, self.ctx, self.start, self.end = op, vanilla, ctx, start, end
-
-    def __call__(self, q, k, v, layout):
-        progress = self.ctx.step / max(self.ctx.total_steps, 1) if self.ctx is not None else 0.0
-        active = self.start <= progress < self.end
-        return (self.op if active else self.vanilla)(q, k, v, layout)
+            self.on_remove(adapter.install_op(site, StepWindow(op, ctx, *cfg.steps), self.name))

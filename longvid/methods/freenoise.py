@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Literal, Optional
 
-from longvid.methods.base import Method
+from longvid.methods.base import Method, MethodConfig
 
 
 @dataclass
-class FreeNoiseConfig:
+class FreeNoiseConfig(MethodConfig):
     """Settings of ``methods.freenoise``. Frame counts are video frames (converted to latent frames on Wan)."""
 
     window: Optional[int] = None
@@ -44,8 +44,9 @@ class FreeNoiseConfig:
     injection: bool = False
     """Multi-prompt motion injection (official, UNets): outside ``injection_steps`` the encoder and middle
     spatial cross-attention of the conditional pass see the *last* prompt, the decoder the per-frame prompts."""
-    injection_steps: List[float] = field(default_factory=lambda: [0.1, 0.3])
-    """[a, b]: steps with a <= step/steps <= b use the per-frame prompts everywhere (official: steps 5..15 of 50)."""
+    injection_steps: List[float] = field(default_factory=lambda: [0.1, 0.32])
+    """[a, b): steps with a <= step/steps < b use the per-frame prompts everywhere (longvid's one step-window
+    rule); the default is the official schedule, steps 5..15 of 50."""
 
     def __post_init__(self):
         for key in ("window", "stride"):
@@ -93,6 +94,22 @@ class FreeNoise(Method):
             problems.append((f"{key}.stride", f"must not exceed the window ({config.window}), got {config.stride}"))
         return problems
 
+    @classmethod
+    def patched_sites(cls, config: FreeNoiseConfig, spec: Any) -> frozenset[str]:
+        kinds = set()
+        if cls.fusion_for(config, spec) in ("block", "layer"):
+            kinds.add("temporal")
+        if config.injection:
+            kinds.add("cross")
+        return frozenset(kinds)
+
+    @staticmethod
+    def fusion_for(config: FreeNoiseConfig, spec: Any) -> str:
+        """The fusion a configuration runs on a family: ``auto`` = block on UNets (temporal layers), else denoiser."""
+        if config.fusion != "auto":
+            return config.fusion
+        return "block" if "temporal" in spec.attention_kinds else "denoiser"
+
     @staticmethod
     def geometry(config: FreeNoiseConfig, spec: Any) -> tuple[int, int]:
         """(window, stride) in *latent* frames for a family."""
@@ -105,9 +122,7 @@ class FreeNoise(Method):
         return window_lat, stride_lat
 
     def _fusion(self, adapter: Any) -> str:
-        if self.config.fusion != "auto":
-            return self.config.fusion
-        return "block" if adapter.attention_sites("temporal") else "denoiser"
+        return self.fusion_for(self.config, adapter.spec)
 
     # ------------------------------------------------------------------------------------------ seams
 
@@ -125,10 +140,12 @@ class FreeNoise(Method):
         window, stride = self.geometry(self.config, adapter.spec)
         fusion = self._fusion(adapter)
         if fusion == "block":
-            from longvid.core.windows import apply_block_fusion
+            from longvid.core.block_fusion import apply_block_fusion
 
-            blocks = {id(s.block): s.block for s in adapter.attention_sites("temporal")}.values()
-            for block in blocks:
+            sites = adapter.attention_sites("temporal")
+            for site in sites:  # the hook runs each block's attention half per view: its sites are ours
+                self.on_remove(adapter.claim(site, self.name))
+            for block in {id(s.block): s.block for s in sites}.values():
                 handle = apply_block_fusion(block, window=window, stride=stride, weighting=self.config.weighting)
                 self.on_remove(handle.remove)
         elif fusion == "layer":
@@ -143,29 +160,32 @@ class FreeNoise(Method):
         are [uncond, cond], frame-major inside each); at injection steps the encoder and middle blocks see the
         last keyframe prompt there, while the decoder keeps the per-frame prompts.
         """
+        from longvid.core.hooks import add_hook, pre_forward_hook
+        from longvid.core.processors import in_step_window
+
         a, b = self.config.injection_steps
         state = self._injection = {"last": None}
 
         def inject(module, args, kwargs):
-            step_fraction = ctx.step / max(ctx.total_steps, 1)
             context = kwargs.get("encoder_hidden_states")
-            if state["last"] is None or context is None or a <= step_fraction <= b:
+            if (state["last"] is None or context is None or ctx.cfg_branch == "uncond"
+                    or in_step_window(ctx, a, b)):
                 return None
-            frames = ctx.num_frames
+            frames = ctx.num_frames  # the cond rows are the last F: [uncond, cond] batched, or cond alone
             context = context.clone()
             context[-frames:] = state["last"].to(context.dtype)  # (F, seq, D) <- last prompt, cond pass only
             return args, {**kwargs, "encoder_hidden_states": context}
 
         for site in adapter.attention_sites("cross"):
             if site.part in ("encoder", "middle"):
-                handle = site.module.register_forward_pre_hook(inject, with_kwargs=True)
-                self.on_remove(handle.remove)
+                self.on_remove(adapter.claim(site, self.name))
+                self.on_remove(add_hook(site.module, "longvid.freenoise.injection", pre_forward_hook(inject)))
 
     def _apply_layer_fusion(self, adapter: Any, window: int, stride: int) -> None:
         import torch
 
         from longvid.core.hooks import replace_forward
-        from longvid.core.windows import WindowFusedAttnProcessor
+        from longvid.core.window_attention import WindowFusedAttnProcessor
 
         tables = {}
         for site in adapter.attention_sites("temporal"):
@@ -184,7 +204,7 @@ class FreeNoise(Method):
                 positions = _AddTable(tables[key])
             processor = WindowFusedAttnProcessor(window=window, stride=stride, weighting=self.config.weighting,
                                                  pos_embed=positions)
-            self.on_remove(adapter.install_processor(site, processor))
+            self.on_remove(adapter.install_processor(site, processor, self.name))
 
     def wrap_denoiser(self, denoise, adapter: Any, ctx: Any):
         fusion = self._fusion(adapter)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -19,8 +19,9 @@ from longvid.core.context import AttentionSite, TokenLayout
 from longvid.core.hooks import replace_forward
 from longvid.core.processors import OpAttnProcessor
 from longvid.errors import ModelLoadError, Problem, RecipeError
-from longvid.models.base import Conditioning, ModelAdapter, from_pretrained
+from longvid.models.base import Conditioning, ModelAdapter, from_pretrained, uses_cfg
 from longvid.models.specs import ANIMATEDIFF
+from longvid.recipe.schema import Recipe, RuntimeConfig, SamplerConfig
 
 
 class AnimateDiffAdapter(ModelAdapter):
@@ -28,6 +29,7 @@ class AnimateDiffAdapter(ModelAdapter):
     pipeline_class = "AnimateDiffPipeline"
     denoiser_names = ("unet",)
     op_processor = OpAttnProcessor
+    batched_cfg = True  # AnimateDiffPipeline runs [uncond, cond] as one batch
 
     @classmethod
     def _extra_components(cls, model, dtypes) -> dict[str, Any]:
@@ -46,18 +48,22 @@ class AnimateDiffAdapter(ModelAdapter):
         return min(s.pos_embed.pe.shape[1] for s in self.attention_sites("temporal") if s.pos_embed is not None)
 
     def check_loaded(self) -> None:
-        from longvid import registry
-
         if getattr(self.pipe, "motion_adapter", None) is None:
             # diffusers would fill the motion modules with random weights: the video would be garbage.
-            raise ModelLoadError(f"model.motion_adapter: '{self.recipe.model.path}' has no motion adapter; set "
+            raise ModelLoadError(f"model.motion_adapter: '{self.load_key['model.path']}' has no motion adapter; set "
                                  "model.motion_adapter (e.g. guoyww/animatediff-motion-adapter-v1-5-2)")
-        frames = self.recipe.video.num_frames
-        long_methods = [m for m in self.recipe.methods if registry.method_class(m).long_video]
-        if frames > self.max_frames and not long_methods:
-            raise RecipeError([Problem("video.num_frames", f"{frames} frames exceed this motion adapter's limit of "
-                                                           f"{self.max_frames}; add a long-video method "
-                                                           "(see `longvid methods`)")])
+
+    def check_run(self, recipe: Recipe) -> None:
+        from longvid import registry
+        from longvid.recipe.stages import plan_stages
+
+        super().check_run(recipe)
+        for plan in plan_stages(recipe):  # the loaded table may be shorter than the family's usual 32
+            long_methods = [m for m in plan.methods if registry.method_class(m).long_video]
+            if plan.num_frames > self.max_frames and not long_methods:
+                raise RecipeError([Problem("video.num_frames", f"{plan.num_frames} frames exceed this motion "
+                                                               f"adapter's limit of {self.max_frames}; add a long-video "
+                                                               "method (see `longvid methods`)")])
 
     # ------------------------------------------------------------------------------- conditioning
 
@@ -65,9 +71,10 @@ class AnimateDiffAdapter(ModelAdapter):
     def latent_dtype(self) -> torch.dtype:
         return self.pipe.text_encoder.dtype  # AnimateDiffPipeline draws latents in the prompt-embedding dtype
 
-    def encode(self, prompt: str, negative: str) -> Conditioning:
-        pos, neg = self.pipe.encode_prompt(prompt, self.device, 1, self.do_cfg, negative)
-        return Conditioning(pos, neg if self.do_cfg else None)
+    def encode(self, prompt: str, negative: str, sampler: SamplerConfig) -> Conditioning:
+        cfg = uses_cfg(sampler)
+        pos, neg = self.pipe.encode_prompt(prompt, self.device, 1, cfg, negative)
+        return Conditioning(pos, neg if cfg else None)
 
     # ---------------------------------------------------------------------------------- denoising
 
@@ -78,33 +85,41 @@ class AnimateDiffAdapter(ModelAdapter):
     def prepare_latents(self, noise: torch.Tensor, scheduler) -> torch.Tensor:
         return noise * scheduler.init_noise_sigma
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Guided noise prediction for latents ``x`` (B, C, F, H, W); CFG batched as the pipeline does."""
+    def predict(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, expert: int = 0) -> torch.Tensor:
+        """Unguided noise prediction for latents ``x`` (B, C, F, H, W); ``embeds`` is one prompt embedding per
+        video ``(B, seq, D)`` or per frame ``(B*F, seq, D)``, (b, f) order as the UNet wants."""
         frames = x.shape[2]
-        embeds = torch.cat([cond.negative, cond.positive]) if self.do_cfg else cond.positive  # (2 or 2F, seq, D)
-        if cond.positive.shape[0] == 1:  # one embedding per video -> one per frame, (b, f) order as the UNet wants
+        if embeds.shape[0] == x.shape[0]:  # one embedding per video -> one per frame
             embeds = embeds.repeat_interleave(frames, dim=0)
-        model_in = torch.cat([x] * 2) if self.do_cfg else x
-        pred = self.pipe.unet(model_in, t, encoder_hidden_states=embeds).sample
-        if self.do_cfg:
-            uncond, text = pred.chunk(2)
-            pred = uncond + self.guidance * (text - uncond)
-        return pred
+        return self.pipe.unet(x, t, encoder_hidden_states=embeds).sample
 
-    # ------------------------------------------------------------------------------------- decode
+    # ---------------------------------------------------------------------------------- VAE streams
 
     @torch.no_grad()
-    def decode_stream(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_stream(self, latents: torch.Tensor, runtime: RuntimeConfig | None = None) -> Iterator[torch.Tensor]:
         """Frames in [-1, 1], ``(B, 3, f, H, W)`` per ``runtime.decode_chunk`` frames (the SD VAE is per-frame)."""
         vae = self.pipe.vae
         z = 1 / vae.config.scaling_factor * latents.to(vae.device)  # same op as AnimateDiffPipeline.decode_latents
         b, c, f, h, w = z.shape
         z = z.permute(0, 2, 1, 3, 4)  # (B, F, C, h, w)
-        chunk = self.recipe.runtime.decode_chunk
+        chunk = runtime.decode_chunk if runtime is not None else 16
         for start in range(0, f, chunk):
             part = z[:, start:start + chunk].reshape(-1, c, h, w).to(vae.dtype)  # (B*f, C, h, w)
             frames = vae.decode(part).sample.float()  # (B*f, 3, H, W)
             yield frames.reshape(b, -1, *frames.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, 3, f, H, W)
+
+    @torch.no_grad()
+    def encode_stream(self, chunks: Iterable[torch.Tensor], runtime: RuntimeConfig | None = None) -> torch.Tensor:
+        """Latents ``(B, C, F, h, w)`` of pixel chunks ``(B, 3, f, H, W)`` in [-1, 1]: the posterior mode times the
+        VAE's scaling factor, frame by frame (the SD VAE has no temporal context)."""
+        vae = self.pipe.vae
+        parts = []
+        for chunk in chunks:
+            b, _, f, hh, ww = chunk.shape
+            frames = chunk.permute(0, 2, 1, 3, 4).reshape(b * f, 3, hh, ww).to(vae.device, vae.dtype)
+            z = vae.encode(frames).latent_dist.mode() * vae.config.scaling_factor  # (B*f, C, h, w)
+            parts.append(z.float().reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4))  # (B, C, f, h, w)
+        return torch.cat(parts, dim=2)
 
     # -------------------------------------------------------------------------------- method seams
 
@@ -122,24 +137,29 @@ class AnimateDiffAdapter(ModelAdapter):
                 yield f"{prefix}.{attr}.{j}", level, part, module
 
     def _find_sites(self) -> list[AttentionSite]:
-        sites = []
+        sites: list[AttentionSite] = []
+        layer = {"temporal": 0, "spatial": 0, "cross": 0}  # per-kind layer counters (one denoiser: the UNet)
+
+        def add(name, module, kind, **extra):
+            sites.append(AttentionSite(name=name, module=module, kind=kind, denoiser="unet", layer=layer[kind],
+                                       **extra))
+            layer[kind] += 1
+
         for name, level, part, mm in self._unet_modules("motion_modules"):
             for b, block in enumerate(mm.transformer_blocks):
                 for attn_name in ("attn1", "attn2"):
                     attn = getattr(block, attn_name, None)
                     if attn is None or attn.is_cross_attention:
                         continue
-                    sites.append(AttentionSite(name=f"{name}.transformer_blocks.{b}.{attn_name}", module=attn,
-                                               kind="temporal", level=level, part=part, index=len(sites),
-                                               block=block, pos_embed=getattr(block, "pos_embed", None)))
+                    add(f"{name}.transformer_blocks.{b}.{attn_name}", attn, "temporal", level=level, part=part,
+                        block=block, pos_embed=getattr(block, "pos_embed", None))
         for name, level, part, transformer in self._unet_modules("attentions"):
             for b, block in enumerate(transformer.transformer_blocks):
                 for attn_name, kind in (("attn1", "spatial"), ("attn2", "cross")):
                     attn = getattr(block, attn_name, None)
                     if attn is None or attn.is_cross_attention != (kind == "cross"):
                         continue
-                    sites.append(AttentionSite(name=f"{name}.transformer_blocks.{b}.{attn_name}", module=attn,
-                                               kind=kind, level=level, part=part, index=len(sites), block=block))
+                    add(f"{name}.transformer_blocks.{b}.{attn_name}", attn, kind, level=level, part=part, block=block)
         return sites
 
     def _install_layout_hooks(self) -> None:
@@ -151,7 +171,7 @@ class AnimateDiffAdapter(ModelAdapter):
             sample = args[0] if args else kwargs["sample"]  # (B, C, F, H, W)
             video.update(batch=sample.shape[0], frames=sample.shape[2])
 
-        self._hooks.append(self.pipe.unet.register_forward_pre_hook(record_video, with_kwargs=True))
+        self._add_hook(self.pipe.unet, "longvid.layout", record_video)
         for attr, kind in (("motion_modules", "temporal"), ("attentions", "spatial")):
             for name, _, _, module in self._unet_modules(attr):
                 sites = [s for s in self._sites if s.name.startswith(f"{name}.") and s.kind == kind]
@@ -167,7 +187,7 @@ class AnimateDiffAdapter(ModelAdapter):
                     for site in sites:
                         site.layout = layout
 
-                self._hooks.append(module.register_forward_pre_hook(record, with_kwargs=True))
+                self._add_hook(module, "longvid.layout", record)
 
     @contextlib.contextmanager
     def prepared(self, num_frames: int) -> Iterator[None]:

@@ -1,14 +1,20 @@
 """The ModelAdapter: everything longvid needs to know about a base model, in one object.
 
 An adapter wraps the diffusers components of one model (loaded with the real ``from_pretrained``, or built
-in code for ``tiny:``) and exposes them in the shape longvid's own loop and the methods need:
+in code for ``tiny:``) and holds only what loading fixed: its *load key* (model path, variant, dtypes,
+device, offload). Everything else comes from the run's recipe at each call, so one loaded model serves many
+runs bit-exactly (batch, compare, probe). It exposes the components in the shape longvid's loop and the
+methods need:
 
-- ``encode(prompt, negative)`` -> :class:`Conditioning`; ``denoise(x, t, cond)`` -> guided prediction;
-- ``latent_shape()``, ``make_scheduler()``, ``prepare_latents()``;
-- ``decode_stream(latents)``: decoded frames chunk by chunk, never the whole video at once;
-- ``attention_sites(kind)``: the self-attention modules a method may patch, each with a live
-  :class:`~longvid.core.context.TokenLayout` (kept fresh by forward-pre-hooks the adapter installs);
-- ``rope_module``: the module that computes rotary positions, or None.
+- ``encode(prompt, negative, sampler)`` -> :class:`Conditioning`;
+- ``predict(x, t, embeds, expert)`` -> the *unguided* prediction of one denoiser (guidance is a wrapper,
+  :mod:`longvid.core.guidance`); ``expert(t)`` picks the denoiser (Wan 2.2's two experts);
+- ``latent_shape()``, ``make_scheduler(sampler)``, ``prepare_latents()``;
+- ``decode_stream(latents)`` / ``encode_stream(chunks)``: frames chunk by chunk, never the whole video;
+- ``sample_stage(job)``: the loop of one stage (:mod:`longvid.core.sampler`); a family may own it;
+- ``attention_sites(kind)``: the attention modules a method may patch, each with its denoiser, per-denoiser
+  layer index and a live :class:`~longvid.core.context.TokenLayout`;
+- ``rope_modules``: ``{denoiser: module}`` computing rotary positions, one per expert.
 
 Methods never test a model's class or name: what differs between models lives here.
 """
@@ -16,19 +22,36 @@ Methods never test a model's class or name: what differs between models lives he
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 
 from longvid.core.context import AttentionSite
-from longvid.errors import ModelLoadError
+from longvid.core.hooks import add_hook, pre_forward_hook
+from longvid.errors import MethodError, ModelLoadError, Problem, RecipeError
 from longvid.models.specs import FamilySpec
-from longvid.recipe.schema import ModelConfig, Recipe
+from longvid.recipe.schema import ModelConfig, Recipe, RuntimeConfig, SamplerConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: Recipe keys fixed when a model is loaded; every other key is read per run.
+LOAD_KEYS = ("model.family", "model.path", "model.motion_adapter", "model.revision", "model.dtype",
+             "model.text_encoder_dtype", "model.vae_dtype", "model.local_files_only", "runtime.device",
+             "runtime.offload")
+
+
+def load_key(recipe: Recipe) -> dict[str, Any]:
+    """The values of :data:`LOAD_KEYS` in ``recipe`` (``runtime.device: auto`` resolved to the real device)."""
+    key = {}
+    for dotted in LOAD_KEYS:
+        section, name = dotted.split(".")
+        key[dotted] = getattr(getattr(recipe, section), name)
+    key["runtime.device"] = str(pick_device(recipe.runtime.device))
+    return key
 
 
 @dataclass
@@ -55,6 +78,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def uses_cfg(sampler: SamplerConfig) -> bool:
+    """True when some denoiser of the run is guided (so the negative prompt must be encoded)."""
+    scales = [sampler.guidance_scale, sampler.guidance_scale_2]
+    return any(s is not None and s > 1.0 for s in scales)
+
+
 class ModelAdapter:
     """Base class: loading and the parts shared by every family. Subclasses fill in the family specifics."""
 
@@ -62,37 +91,40 @@ class ModelAdapter:
     pipeline_class: ClassVar[str]  # the diffusers pipeline used as the component container
     denoiser_names: ClassVar[tuple[str, ...]]  # component names of the denoiser network(s)
     op_processor: ClassVar[type]  # processor class that routes a site's attention core through an op
+    batched_cfg: ClassVar[bool] = False  # guidance runs cond and uncond as one batch (else two calls)
 
-    def __init__(self, pipe: Any, recipe: Recipe, device: torch.device):
+    def __init__(self, pipe: Any, key: dict[str, Any], device: torch.device):
         self.pipe = pipe
-        self.recipe = recipe
+        self.load_key = dict(key)
         self.device = device
-        self._hooks: list[Any] = []
+        self._hooks: list[Callable[[], None]] = []
         self._sites: list[AttentionSite] | None = None
+        self._owners: dict[int, str] = {}  # id(site module) -> method that patched it
         self.attention_sites()  # find the sites and start keeping their layouts current
 
     # ------------------------------------------------------------------------------------ loading
 
     @classmethod
     def load(cls, recipe: Recipe) -> "ModelAdapter":
-        """Load the model named by ``recipe.model`` onto ``recipe.runtime.device``."""
-        device = pick_device(recipe.runtime.device)
-        dtype = cls._denoiser_dtype(recipe.model, device)
+        """Load the model named by ``recipe.model`` onto ``recipe.runtime.device``; nothing else is read."""
+        model, runtime = recipe.model, recipe.runtime
+        device = pick_device(runtime.device)
+        dtype = cls._denoiser_dtype(model, device)
         dtypes = {name: dtype for name in cls.denoiser_names}
-        dtypes["text_encoder"] = _DTYPES[recipe.model.text_encoder_dtype] if recipe.model.text_encoder_dtype else dtype
-        dtypes["vae"] = _DTYPES[recipe.model.vae_dtype or "float32"]
+        dtypes["text_encoder"] = _DTYPES[model.text_encoder_dtype] if model.text_encoder_dtype else dtype
+        dtypes["vae"] = _DTYPES[model.vae_dtype or "float32"]
         dtypes["default"] = dtype
-        pipe = cls._load_pipeline(recipe.model, dtypes)
-        if recipe.runtime.offload == "model" and device.type == "cuda":
+        pipe = cls._load_pipeline(model, dtypes)
+        if runtime.offload == "model" and device.type == "cuda":
             pipe.enable_model_cpu_offload(device=device)
-        elif recipe.runtime.offload == "sequential" and device.type == "cuda":
+        elif runtime.offload == "sequential" and device.type == "cuda":
             pipe.enable_sequential_cpu_offload(device=device)
         else:
             pipe.to(device)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval()  # no dropout: modules built in code (tiny:) start in training mode, unlike from_pretrained
-        adapter = cls(pipe, recipe, device)
+        adapter = cls(pipe, load_key(recipe), device)
         adapter.check_loaded()
         return adapter
 
@@ -124,7 +156,16 @@ class ModelAdapter:
         return {}
 
     def check_loaded(self) -> None:
-        """Raise a ``RecipeError`` if the loaded weights contradict the recipe (checked after loading)."""
+        """Raise a ``LongvidError`` if the loaded weights are unusable (checked once, after loading)."""
+
+    def check_run(self, recipe: Recipe) -> None:
+        """Refuse ``recipe`` before any work if this model cannot run it: a different load key (one line naming
+        the first differing key), or what only the loaded weights can tell (subclasses extend)."""
+        wanted = load_key(recipe)
+        for key, value in self.load_key.items():
+            if wanted[key] != value:
+                raise RecipeError([Problem(key, f"this loaded model has {key}={value!r} but the recipe asks for "
+                                                f"{wanted[key]!r}; load a model for this recipe")])
 
     # ------------------------------------------------------------------------------ generation API
 
@@ -137,17 +178,26 @@ class ModelAdapter:
         return self.denoisers[0].dtype
 
     @property
-    def rope_module(self) -> torch.nn.Module | None:
-        return None
+    def latent_dtype(self) -> torch.dtype:
+        """dtype the initial noise is drawn in (the loop then keeps the scheduler's float32 latents)."""
+        return torch.float32
+
+    @property
+    def rope_modules(self) -> dict[str, torch.nn.Module]:
+        """``{denoiser name: rotary-position module}`` for every denoiser that has one."""
+        return {}
 
     def latent_frames(self, num_frames: int) -> int:
         return self.spec.latent_frames(num_frames)
 
-    def make_scheduler(self):
-        """A fresh scheduler (the loop's state must not leak between generations), per ``recipe.sampler``."""
+    def expert(self, t: torch.Tensor) -> int:
+        """Index into :attr:`denoisers` of the denoiser that handles timestep ``t`` (0 for one-denoiser models)."""
+        return 0
+
+    def make_scheduler(self, sampler: SamplerConfig):
+        """A fresh scheduler (the loop's state must not leak between generations) for ``sampler``."""
         import diffusers
 
-        sampler = self.recipe.sampler
         base = self.pipe.scheduler
         cls = getattr(diffusers, sampler.scheduler) if sampler.scheduler else type(base)
         overrides = dict(sampler.scheduler_config)
@@ -155,17 +205,24 @@ class ModelAdapter:
             overrides["flow_shift"] = sampler.flow_shift
         return cls.from_config(base.config, **overrides)
 
-    def step_kwargs(self, scheduler, generator: torch.Generator) -> dict[str, Any]:
+    @staticmethod
+    def step_kwargs(scheduler, generator: torch.Generator, sampler: SamplerConfig) -> dict[str, Any]:
         """Extra ``scheduler.step`` arguments it accepts (DDIM's eta and generator)."""
-        import inspect
-
         params = inspect.signature(scheduler.step).parameters
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if "eta" in params:
-            kwargs["eta"] = self.recipe.sampler.eta
+            kwargs["eta"] = sampler.eta
         if "generator" in params:
             kwargs["generator"] = generator
         return kwargs
+
+    def sample_stage(self, job) -> torch.Tensor:
+        """Turn one stage's starting latents into its result: the default loop (:func:`longvid.core.sampler.
+        run_stage`). A family with its own schedule (autoregressive, pyramidal) overrides this and keeps the
+        job's contract: report each step with ``job.on_step`` and honour ``job.resume``."""
+        from longvid.core.sampler import run_stage
+
+        return run_stage(job)
 
     def attention_sites(self, kind: str | None = None) -> list[AttentionSite]:
         if self._sites is None:
@@ -173,16 +230,42 @@ class ModelAdapter:
             self._install_layout_hooks()
         return [s for s in self._sites if kind is None or s.kind == kind]
 
-    def install_op(self, site: AttentionSite, op) -> Callable[[], None]:
-        """Route ``site``'s attention core through ``op``; returns the undo (restores the old processor)."""
-        return self.install_processor(site, self.op_processor(site, op))
+    def install_op(self, site: AttentionSite, op, owner: str) -> Callable[[], None]:
+        """Route ``site``'s attention core through ``op`` for method ``owner``; returns the undo."""
+        return self.install_processor(site, self.op_processor(site, op), owner)
 
-    @staticmethod
-    def install_processor(site: AttentionSite, processor) -> Callable[[], None]:
-        """Set a diffusers processor on ``site.module``; returns the undo."""
+    def install_processor(self, site: AttentionSite, processor, owner: str) -> Callable[[], None]:
+        """Set a diffusers processor on ``site.module`` for method ``owner``; returns the undo.
+
+        The processor inherits the attention backend and context-parallel config of the one it replaces, so
+        ``set_attention_backend`` and context parallelism keep working under longvid's processors.
+        """
+        release = self.claim(site, owner)
         previous = site.module.processor
+        for attr in ("_attention_backend", "_parallel_config"):
+            if hasattr(previous, attr) and getattr(previous, attr) is not None:
+                setattr(processor, attr, getattr(previous, attr))
         site.module.set_processor(processor)
-        return lambda: site.module.set_processor(previous)
+
+        def undo():
+            site.module.set_processor(previous)
+            release()
+
+        return undo
+
+    def claim(self, site: AttentionSite, owner: str) -> Callable[[], None]:
+        """Mark ``site`` as patched by method ``owner`` (one attention method per site); returns the release.
+
+        A second method on the same site is refused: its changes would silently replace the first one's.
+        """
+        holder = self._owners.get(id(site.module))
+        if holder is not None and holder != owner:
+            raise MethodError(f"methods.{owner}: attention site {site.name} is already patched by methods.{holder}; "
+                              f"use one attention method per site (scope them to different stages)")
+        if holder == owner:
+            return lambda: None
+        self._owners[id(site.module)] = owner
+        return lambda: self._owners.pop(id(site.module), None)
 
     @contextlib.contextmanager
     def prepared(self, num_frames: int) -> Iterator[None]:
@@ -191,27 +274,23 @@ class ModelAdapter:
 
     def close(self) -> None:
         """Remove the layout hooks (the model is then exactly as loaded)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        while self._hooks:
+            self._hooks.pop()()
         self._sites = None
 
+    def _add_hook(self, module: torch.nn.Module, name: str, fn: Callable) -> None:
+        """A named diffusers pre-forward hook ``fn(module, args, kwargs)`` removed by :meth:`close`."""
+        self._hooks.append(add_hook(module, name, pre_forward_hook(fn)))
+
     # Subclasses implement:
-    def encode(self, prompt: str, negative: str) -> Conditioning: ...
+    def encode(self, prompt: str, negative: str, sampler: SamplerConfig) -> Conditioning: ...
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]: ...
     def prepare_latents(self, noise: torch.Tensor, scheduler) -> torch.Tensor: ...
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor: ...
-    def decode_stream(self, latents: torch.Tensor) -> Iterator[torch.Tensor]: ...
+    def predict(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, expert: int = 0) -> torch.Tensor: ...
+    def decode_stream(self, latents: torch.Tensor, runtime: RuntimeConfig) -> Iterator[torch.Tensor]: ...
+    def encode_stream(self, chunks: Iterable[torch.Tensor], runtime: RuntimeConfig) -> torch.Tensor: ...
     def _find_sites(self) -> list[AttentionSite]: ...
     def _install_layout_hooks(self) -> None: ...
-
-    @property
-    def guidance(self) -> float:
-        return float(self.recipe.sampler.guidance_scale)
-
-    @property
-    def do_cfg(self) -> bool:
-        return self.guidance > 1.0
 
 
 def from_pretrained(cls, path: str, *, key: str, **kwargs):

@@ -25,6 +25,8 @@ class FamilySpec:
         cuda_dtype: the denoiser dtype on a GPU when the recipe leaves ``model.dtype`` unset (CPU: float32).
         vae_spatial, latent_channels, patch_spatial: geometry for ``--dry-run`` estimates (the standard
             checkpoints; Wan 2.2 TI2V-5B compresses 16x spatially with 48 channels).
+        attention_kinds: the attention-site kinds the family's adapter exposes (``temporal``, ``spatial``,
+            ``full``, ``cross``), so methods can say what they patch before anything loads.
     """
 
     name: str
@@ -38,6 +40,7 @@ class FamilySpec:
     vae_spatial: int = 8
     latent_channels: int = 16
     patch_spatial: int = 1
+    attention_kinds: tuple[str, ...] = ()
 
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames for ``num_frames`` video frames (Wan: (F-1)/4 + 1)."""
@@ -62,6 +65,7 @@ WAN = FamilySpec(
     spatial_multiple=16,
     native_frames=81,
     patch_spatial=2,
+    attention_kinds=("full", "cross"),
     defaults={
         "video": {"num_frames": 81, "height": 480, "width": 832, "fps": 16},
         "sampler": {"steps": 50, "guidance_scale": 5.0, "max_sequence_length": 512},
@@ -77,6 +81,7 @@ ANIMATEDIFF = FamilySpec(
     max_frames=32,
     cuda_dtype="float16",
     latent_channels=4,
+    attention_kinds=("temporal", "spatial", "cross"),
     defaults={
         "video": {"num_frames": 16, "height": 512, "width": 512, "fps": 8},
         # AnimateDiff's documented sampler: DDIM with linear betas, linspace spacing, no sample clipping.

@@ -8,44 +8,53 @@ per token; 48-channel patchified VAE). The denoising maths mirrors diffusers==0.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
-from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from longvid.core.context import AttentionSite, TokenLayout
-from longvid.core.processors import AttentionOp
-from longvid.models.base import Conditioning, ModelAdapter
+from longvid.core.processors import AttentionOp, GroupedOutput, head_groups, op_active
+from longvid.models.base import Conditioning, ModelAdapter, uses_cfg
 from longvid.models.specs import WAN
+from longvid.recipe.schema import RuntimeConfig, SamplerConfig
 
 
-class WanOpProcessor:
-    """Wan self-attention with the attention core replaced by a longvid op.
+class WanRotary:
+    """Wan's 3-axis rotary positions for one attention call, handed to ops that ask for q/k before RoPE.
 
-    Adapted from diffusers==0.42.1 ``transformer_wan.WanAttnProcessor.__call__`` (change: self-attention only;
-    ``dispatch_attention_fn`` -> ``op(q, k, v, layout)`` in SDPA layout). tests/models/test_wan.py pins the
-    upstream source hash so a diffusers upgrade fails loudly instead of drifting.
+    ``cos``/``sin``: the tables of the current token grid, ``(1, 1, S, D)`` (SDPA layout, broadcast over
+    heads), as ``WanRotaryPosEmbed`` computed them. ``grid``: the ``(F, H, W)`` token grid. :meth:`tables`
+    builds tables for any integer positions per axis (a remapped temporal axis, say) from the module's
+    per-axis tables, so an op can re-encode positions without copying RoPE code.
     """
 
-    def __init__(self, site: AttentionSite, op: AttentionOp):
-        self.site = site
-        self.op = op
+    def __init__(self, rotary_emb: tuple[torch.Tensor, torch.Tensor], module: torch.nn.Module,
+                 grid: tuple[int, int, int]):
+        cos, sin = rotary_emb  # (1, S, 1, D)
+        self.cos, self.sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (1, 1, S, D)
+        self.module = module
+        self.grid = grid
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError(f"{self.site.name}: longvid attention ops patch self-attention without masks only")
-        q, k, v = _get_qkv_projections(attn, hidden_states, None)  # (B, S, heads*D)
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # (B, S, heads, D)
-        if rotary_emb is not None:
-            q, k = apply_rotary(q, *rotary_emb), apply_rotary(k, *rotary_emb)
-        out = self.op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.site.layout)  # (B, heads, S, D)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # (B, S, heads*D)
-        return attn.to_out[1](attn.to_out[0](out))
+    def apply(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate ``x`` (N, heads, S, D) by the grid's positions (or by ``cos``/``sin`` from :meth:`tables`)."""
+        return rotate_pairs(x, self.cos if cos is None else cos, self.sin if sin is None else sin)
+
+    def tables(self, f_pos: torch.Tensor, h_pos: torch.Tensor, w_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of shape ``(1, 1, S, D)`` for per-token integer positions on each axis (each ``(S,)``)."""
+        m = self.module
+        split = [m.t_dim, m.h_dim, m.w_dim]
+        out = []
+        for table in (m.freqs_cos, m.freqs_sin):
+            t_tab, h_tab, w_tab = table.split(split, dim=1)
+            out.append(torch.cat([t_tab[f_pos], h_tab[h_pos], w_tab[w_pos]], dim=-1)[None, None])  # (1, 1, S, D)
+        return out[0], out[1]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved-pair rotary embedding on ``(B, S, heads, D)`` (same op order as diffusers 0.42.1)."""
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved-pair rotary embedding (same op order as diffusers 0.42.1 ``WanAttnProcessor``).
+    Elementwise, so any layout works as long as ``cos``/``sin`` broadcast against ``x``."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[..., 0::2], sin[..., 1::2]
     out = torch.empty_like(x)
@@ -54,19 +63,94 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
+class WanOpProcessor:
+    """Wan self-attention with the attention core replaced by a longvid op, one head group at a time.
+
+    Adapted from diffusers==0.42.1 ``transformer_wan.WanAttnProcessor.__call__`` (changes: self-attention only;
+    the core is ``op(q, k, v, layout)`` in SDPA layout; v, RoPE, the op and the output projection run per
+    head group). q and k are projected whole because Wan's q/k RMSNorm spans all heads; the op's working set
+    (FreeLong's two branches and blend) is bounded by the group, as in ``OpAttnProcessor``. When the op is
+    inactive (a step window) or absent, attention goes through diffusers' ``dispatch_attention_fn`` with this
+    processor's backend and context-parallel config, exactly as the vanilla processor. An op with
+    ``pre_rope = True`` gets q/k before RoPE and a :class:`WanRotary`. tests/models/test_upstream.py pins the
+    upstream source so a diffusers upgrade fails loudly instead of drifting.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, site: AttentionSite, op: AttentionOp, rope: torch.nn.Module | None = None,
+                 group_bytes: int = 256 << 20):
+        self.site = site
+        self.op = op
+        self.rope = rope
+        self.group_bytes = group_bytes
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"{self.site.name}: longvid attention ops patch self-attention without masks only")
+        n, seq, _ = hidden_states.shape  # (B, S, C)
+        heads = attn.heads
+        if attn.fused_projections:
+            q, k, v_all = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v_all = attn.to_q(hidden_states), attn.to_k(hidden_states), None
+        q, k = attn.norm_q(q), attn.norm_k(k)  # (B, S, heads*D); the RMSNorm spans all heads
+        head_dim = q.shape[-1] // heads
+        active = op_active(self.op)
+        if not active or self._parallel_config is not None:
+            group = heads  # context parallelism splits heads itself; the vanilla path needs no groups
+        else:
+            group = head_groups(heads, 3 * n * seq * head_dim * q.element_size(), self.group_bytes)
+        rotary = None
+        if active and getattr(self.op, "pre_rope", False) and rotary_emb is not None:
+            rotary = WanRotary(rotary_emb, self.rope, (self.site.layout.frames, self.site.layout.height,
+                                                       self.site.layout.width))
+        out_proj = GroupedOutput(attn.to_out[0], n * seq, hidden_states)
+        for h0 in range(0, heads, group):
+            cols = slice(h0 * head_dim, min(h0 + group, heads) * head_dim)
+            v = v_all[..., cols] if v_all is not None else F.linear(hidden_states, attn.to_v.weight[cols],
+                                                                    attn.to_v.bias[cols])
+            qg, kg, vg = (t.unflatten(2, (-1, head_dim)) for t in (q[..., cols], k[..., cols], v))  # (B, S, g, D)
+            if active:
+                out = self._op(qg, kg, vg, rotary_emb, rotary)  # (B, S, g, D)
+            else:
+                out = self._vanilla(qg, kg, vg, rotary_emb)
+            out_proj.add(out.flatten(2, 3).type_as(q).reshape(n * seq, -1), cols)
+        return attn.to_out[1](out_proj.result().view(n, seq, -1))
+
+    def _vanilla(self, q, k, v, rotary_emb):
+        if rotary_emb is not None:
+            q, k = rotate_pairs(q, *rotary_emb), rotate_pairs(k, *rotary_emb)
+        return dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+
+    def _op(self, q, k, v, rotary_emb, rotary):
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, g, S, D)
+        if rotary is not None:
+            out = self.op(q, k, v, self.site.layout, rotary=rotary)
+        else:
+            if rotary_emb is not None:
+                cos, sin = (t.transpose(1, 2) for t in rotary_emb)  # (1, 1, S, D)
+                q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+            out = self.op(q, k, v, self.site.layout)
+        return out.transpose(1, 2)  # (B, S, g, D)
+
+
 class WanAdapter(ModelAdapter):
     spec = WAN
     op_processor = WanOpProcessor
     pipeline_class = "WanPipeline"
     denoiser_names = ("transformer", "transformer_2")
+    batched_cfg = False  # WanPipeline calls the model once for cond, once for uncond
 
     # ------------------------------------------------------------------------------- conditioning
 
-    def encode(self, prompt: str, negative: str) -> Conditioning:
+    def encode(self, prompt: str, negative: str, sampler: SamplerConfig) -> Conditioning:
+        cfg = uses_cfg(sampler)
         pos, neg = self.pipe.encode_prompt(prompt=prompt, negative_prompt=negative,
-                                           do_classifier_free_guidance=self.do_cfg, num_videos_per_prompt=1,
-                                           max_sequence_length=self.recipe.sampler.max_sequence_length,
-                                           device=self.device)
+                                           do_classifier_free_guidance=cfg, num_videos_per_prompt=1,
+                                           max_sequence_length=sampler.max_sequence_length, device=self.device)
         return Conditioning(pos.to(self.dtype), neg.to(self.dtype) if neg is not None else None)
 
     # ---------------------------------------------------------------------------------- denoising
@@ -79,18 +163,16 @@ class WanAdapter(ModelAdapter):
     def prepare_latents(self, noise: torch.Tensor, scheduler) -> torch.Tensor:
         return noise  # flow matching starts from unit noise (WanPipeline.prepare_latents)
 
-    def _expert(self, t: torch.Tensor) -> tuple[torch.nn.Module, float]:
+    def expert(self, t: torch.Tensor) -> int:
         """Wan 2.2 A14B: the high-noise expert for t >= boundary, the low-noise one below (WanPipeline)."""
         ratio = self.pipe.config.boundary_ratio
-        sampler = self.recipe.sampler
-        if ratio is None or t >= ratio * self.pipe.scheduler.config.num_train_timesteps:
-            return self.denoisers[0], float(sampler.guidance_scale)
-        g2 = sampler.guidance_scale_2 if sampler.guidance_scale_2 is not None else sampler.guidance_scale
-        return self.pipe.transformer_2, float(g2)
+        if ratio is None or len(self.denoisers) == 1 or t >= ratio * self.pipe.scheduler.config.num_train_timesteps:
+            return 0
+        return 1
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Guided flow prediction for latents ``x`` (B, C, F', H', W') at timestep ``t``."""
-        model, guidance = self._expert(t)
+    def predict(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, expert: int = 0) -> torch.Tensor:
+        """Unguided flow prediction of denoiser ``expert`` for latents ``x`` (B, C, F', H', W') at timestep ``t``."""
+        model = self.denoisers[expert]
         model_in = x.to(model.dtype)
         if self.pipe.config.expand_timesteps:  # TI2V-5B: one timestep per token
             p_t, p_h, p_w = model.config.patch_size
@@ -98,22 +180,17 @@ class WanAdapter(ModelAdapter):
             timestep = t.expand(x.shape[0], tokens)
         else:
             timestep = t.expand(x.shape[0])
-        pred = model(hidden_states=model_in, timestep=timestep, encoder_hidden_states=cond.positive,
-                     return_dict=False)[0]
-        if guidance > 1.0 and cond.negative is not None:
-            uncond = model(hidden_states=model_in, timestep=timestep, encoder_hidden_states=cond.negative,
-                           return_dict=False)[0]
-            pred = uncond + guidance * (pred - uncond)
-        return pred
+        return model(hidden_states=model_in, timestep=timestep, encoder_hidden_states=embeds, return_dict=False)[0]
 
-    # ------------------------------------------------------------------------------------- decode
+    # ---------------------------------------------------------------------------------- VAE streams
 
     @torch.no_grad()
-    def decode_stream(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_stream(self, latents: torch.Tensor, runtime: RuntimeConfig | None = None) -> Iterator[torch.Tensor]:
         """Frames in [-1, 1], ``(B, 3, f, H, W)`` per latent frame (1 frame, then 4 each).
 
         Wan's VAE decoder is causal with a per-conv feature cache, so decoding one latent frame at a time
-        is bit-exact with ``vae.decode`` (which does the same loop but concatenates everything).
+        is bit-exact with ``vae.decode`` (which does the same loop but concatenates everything). The cache is
+        this generator's own, so a decode can interleave with an encode (the pixel hand-off between stages).
         """
         from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
@@ -122,24 +199,47 @@ class WanAdapter(ModelAdapter):
         mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
         z = z / inv_std + mean  # same op order as WanPipeline for bit-exactness
-        vae.clear_cache()
-        try:
-            x = vae.post_quant_conv(z)
-            for i in range(x.shape[2]):
-                vae._conv_idx = [0]
-                out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                  first_chunk=(i == 0))
-                if vae.config.patch_size is not None:
-                    out = unpatchify(out, patch_size=vae.config.patch_size)
-                yield out.clamp(-1.0, 1.0)
-        finally:
-            vae.clear_cache()
+        cache = [None] * vae._cached_conv_counts["decoder"]
+        x = vae.post_quant_conv(z)
+        for i in range(x.shape[2]):
+            out = vae.decoder(x[:, :, i:i + 1], feat_cache=cache, feat_idx=[0], first_chunk=(i == 0))
+            if vae.config.patch_size is not None:
+                out = unpatchify(out, patch_size=vae.config.patch_size)
+            yield out.clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def encode_stream(self, chunks: Iterable[torch.Tensor], runtime: RuntimeConfig | None = None) -> torch.Tensor:
+        """Normalised latents ``(B, C, F', H', W')`` of pixel chunks in [-1, 1] (first chunk 1 frame, then 4 each,
+        as ``decode_stream`` yields them), with the posterior mode: ``WanVideoToVideoPipeline``'s encode
+        (``vae._encode``'s causal loop) one chunk at a time with this call's own feature cache."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
+        vae = self.pipe.vae
+        cache = [None] * vae._cached_conv_counts["encoder"]
+        parts = []
+        for chunk in chunks:  # (B, 3, f, H, W)
+            x = chunk.to(vae.device, vae.dtype)
+            if vae.config.patch_size is not None:
+                x = patchify(x, patch_size=vae.config.patch_size)
+            parts.append(vae.encoder(x, feat_cache=cache, feat_idx=[0]))  # (B, 2C, f', h, w)
+        moments = vae.quant_conv(torch.cat(parts, dim=2))
+        mode = moments[:, : vae.config.z_dim]  # DiagonalGaussianDistribution.mode() = mean
+        dtype = torch.float32
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(mode.device, dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(mode.device, dtype)
+        return (mode.to(dtype) - mean) * inv_std  # same op order as WanVideoToVideoPipeline.prepare_latents
 
     # -------------------------------------------------------------------------------- method seams
 
     @property
-    def rope_module(self) -> torch.nn.Module | None:
-        return self.denoisers[0].rope
+    def rope_modules(self) -> dict[str, torch.nn.Module]:
+        return {name: getattr(self.pipe, name).rope for name in self.denoiser_names
+                if getattr(self.pipe, name, None) is not None}
+
+    def install_op(self, site: AttentionSite, op, owner: str):
+        if site.kind != "full":
+            raise ValueError(f"{site.name}: attention ops patch Wan's 3D self-attention (kind 'full') only")
+        return self.install_processor(site, WanOpProcessor(site, op, self.rope_modules[site.denoiser]), owner)
 
     def _find_sites(self) -> list[AttentionSite]:
         sites = []
@@ -148,8 +248,9 @@ class WanAdapter(ModelAdapter):
             if model is None:
                 continue
             for i, block in enumerate(model.blocks):
-                sites.append(AttentionSite(name=f"{name}.blocks.{i}.attn1", module=block.attn1, kind="full",
-                                           level=0, index=i, block=block))
+                for attn_name, kind in (("attn1", "full"), ("attn2", "cross")):
+                    sites.append(AttentionSite(name=f"{name}.blocks.{i}.{attn_name}", module=getattr(block, attn_name),
+                                               kind=kind, level=0, denoiser=name, layer=i, block=block))
         return sites
 
     def _install_layout_hooks(self) -> None:
@@ -157,7 +258,7 @@ class WanAdapter(ModelAdapter):
             model = getattr(self.pipe, name, None)
             if model is None:
                 continue
-            sites = [s for s in self._sites if s.name.startswith(f"{name}.")]
+            sites = [s for s in self._sites if s.denoiser == name]
             p_t, p_h, p_w = model.config.patch_size
 
             def record(module, args, kwargs, sites=sites, p=(p_t, p_h, p_w)):
@@ -166,4 +267,4 @@ class WanAdapter(ModelAdapter):
                 for site in sites:
                     site.layout = layout
 
-            self._hooks.append(model.register_forward_pre_hook(record, with_kwargs=True))
+            self._add_hook(model, "longvid.layout", record)

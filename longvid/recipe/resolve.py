@@ -9,6 +9,7 @@ through ``key=value``: YAML parsing mangles ``A cat: running``, ``#tag`` and ``0
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -19,10 +20,12 @@ from omegaconf.errors import OmegaConfBaseException
 from longvid import registry
 from longvid.errors import Problem, RecipeError
 from longvid.recipe.recipes import find_recipe
-from longvid.recipe.schema import Recipe
+from longvid.recipe.schema import Recipe, StageConfig
 
 #: Fields holding free-form mappings: taken whole, never descended into key by key.
 _OPEN_FIELDS = {"prompt", "methods", "stages"}
+#: Stage names appear in method scopes, progress and checkpoints: plain words only.
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 #: Free text: only through the YAML or typed CLI options.
 _TEXT_KEYS = {"prompt", "negative_prompt", "name", "description"}
 
@@ -70,6 +73,7 @@ def resolve(
     if not result.name and isinstance(recipe, (str, Path)):
         result.name = Path(str(recipe)).stem
     result.methods = _resolve_methods(result.methods, problems)
+    result.stages = _resolve_stages(result.stages, problems)
     from longvid.recipe.validate import validate
 
     problems.extend(validate(result))
@@ -203,21 +207,44 @@ def _resolve_methods(methods: Mapping[str, Any], problems: list[Problem]) -> dic
             problems.append(Problem(key, f"unknown method{registry.suggest(name, registry.METHODS)}; "
                                          f"known: {', '.join(registry.METHODS) or 'none'}"))
             continue
-        if node is True:
-            node = {}
-        if not isinstance(node, (Mapping, DictConfig)):
-            problems.append(Problem(key, "expected a mapping of settings ({} for the defaults) or null"))
-            continue
-        config_cls = registry.method_class(name).Config
-        cfg = OmegaConf.structured(config_cls)
-        before = len(problems)
-        tree = OmegaConf.to_container(node) if isinstance(node, DictConfig) else dict(node)
-        _apply_tree(cfg, tree, "", problems, config_cls, shown=f"{key}.")
-        if len(problems) > before:
-            continue
-        try:
-            out[name] = OmegaConf.to_object(cfg)
-        except (ValueError, OmegaConfBaseException) as err:  # __post_init__ range checks
-            problems.append(Problem(key, str(err) if isinstance(err, ValueError) else _msg(err)))
+        config = _structured(key, node, registry.method_class(name).Config, problems)
+        if config is not None:
+            out[name] = config
     return out
+
+
+def _resolve_stages(stages: Mapping[str, Any], problems: list[Problem]) -> dict[str, StageConfig]:
+    """Turn ``{name: mapping}`` into an ordered ``{name: StageConfig}``; ``null`` drops a stage."""
+    out: dict[str, StageConfig] = {}
+    for name, node in (stages or {}).items():
+        key = f"stages.{name}"
+        if node is None:
+            continue
+        if not _STAGE_NAME.fullmatch(str(name)):
+            problems.append(Problem(key, "a stage name uses letters, digits, '-' and '_' only (e.g. base, refine)"))
+            continue
+        config = _structured(key, node, StageConfig, problems)
+        if config is not None:
+            out[str(name)] = config
+    return out
+
+
+def _structured(key: str, node: Any, config_cls: type, problems: list[Problem]) -> Any:
+    """A mapping (``{}``/``true`` for the defaults) as a ``config_cls`` instance, or None after adding problems."""
+    if node is True:
+        node = {}
+    if not isinstance(node, (Mapping, DictConfig)):
+        problems.append(Problem(key, "expected a mapping of settings ({} for the defaults) or null"))
+        return None
+    cfg = OmegaConf.structured(config_cls)
+    before = len(problems)
+    tree = OmegaConf.to_container(node) if isinstance(node, DictConfig) else dict(node)
+    _apply_tree(cfg, tree, "", problems, config_cls, shown=f"{key}.")
+    if len(problems) > before:
+        return None
+    try:
+        return OmegaConf.to_object(cfg)
+    except (ValueError, OmegaConfBaseException) as err:  # __post_init__ range checks
+        problems.append(Problem(key, str(err) if isinstance(err, ValueError) else _msg(err)))
+        return None
 

@@ -88,6 +88,12 @@ class RuntimeConfig:
     """Move idle components to the CPU (``model``) to save GPU memory."""
     decode_chunk: int = 16
     """Frames per VAE decode batch for 2D VAEs (AnimateDiff). Wan decodes one latent frame at a time."""
+    checkpoint: Literal["off", "on_signal", "every_n"] = "off"
+    """Resumable runs: ``on_signal`` writes a checkpoint when SIGTERM/SIGUSR1 arrives (after the current step)
+    and exits with code 75; ``every_n`` also writes one every ``checkpoint_every`` steps. A rerun of the same
+    command resumes from ``<output dir>/.<name>.ckpt/``, bit-identically."""
+    checkpoint_every: int = 10
+    """Steps between checkpoints with ``checkpoint: every_n``."""
 
 
 @dataclass
@@ -111,6 +117,46 @@ class OutputConfig:
 
 
 @dataclass
+class StageSamplerConfig:
+    """A stage's changes to the recipe's ``sampler``; every unset (null) key keeps the recipe's value."""
+
+    steps: Optional[int] = None
+    """Steps of the full schedule this stage's ``strength`` starts into."""
+    guidance_scale: Optional[float] = None
+    guidance_scale_2: Optional[float] = None
+    scheduler: Optional[str] = None
+    scheduler_config: Optional[Dict[str, Any]] = None
+    """Replaces the recipe's ``sampler.scheduler_config`` as a whole."""
+    flow_shift: Optional[float] = None
+    eta: Optional[float] = None
+
+
+@dataclass
+class StageConfig:
+    """One stage of a coarse-to-fine plan (``stages.<name>``). Unset sizes are the ``video`` sizes.
+
+    The first stage generates from noise; each later stage takes the previous stage's result, enlarges it
+    (``upsample``), re-noises it to the point ``strength`` of its schedule and denoises from there.
+    """
+
+    height: Optional[int] = None
+    """Pixels; at least the previous stage's. The last stage's size is the output's (``video.height``)."""
+    width: Optional[int] = None
+    """Pixels; see ``height``."""
+    num_frames: Optional[int] = None
+    """Frames; may differ from the previous stage's only with ``upsample: latent``."""
+    sampler: StageSamplerConfig = field(default_factory=StageSamplerConfig)
+    strength: float = 1.0
+    """How much of the schedule runs, in (0, 1]: 1 = from pure noise; 0.7 of 50 steps = the last 35, after
+    re-noising the hand-off to that point (diffusers' video-to-video rule). The first stage must use 1."""
+    upsample: Literal["pixel", "latent"] = "pixel"
+    """Hand-off from the previous stage: ``pixel`` = decode, resize, encode (posterior mode), streamed chunk by
+    chunk; ``latent`` = resize the latents."""
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    """Resize filter of the hand-off (``bilinear`` is trilinear for latents that also change frame count)."""
+
+
+@dataclass
 class Recipe:
     """A whole generation."""
 
@@ -130,6 +176,7 @@ class Recipe:
     methods: Dict[str, Any] = field(default_factory=dict)
     """Long-video methods keyed by name (``longvid methods``), each with its own settings; null disables one."""
     stages: Dict[str, Any] = field(default_factory=dict)
-    """Reserved for coarse-to-fine plans (native -> upsample -> refine); no stage type is available yet."""
+    """Coarse-to-fine plan: an ordered mapping of stages (:class:`StageConfig`), run in order. Empty = one stage
+    at the ``video`` size with ``sampler``."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

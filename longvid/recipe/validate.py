@@ -21,9 +21,8 @@ def validate(recipe: Recipe) -> list[Problem]:
     problems += _check_video(recipe, spec)
     problems += _check_ranges(recipe)
     problems += _check_prompt(recipe)
+    problems += _check_stages(recipe, spec)
     problems += _check_methods(recipe, spec)
-    if recipe.stages:
-        problems.append(Problem("stages", "no coarse-to-fine stage type is available yet; remove the stages entry"))
     return problems
 
 
@@ -74,19 +73,27 @@ def _check_video(recipe: Recipe, spec) -> list[Problem]:
     return problems
 
 
-def _check_ranges(recipe: Recipe) -> list[Problem]:
+def _check_sampler(s, prefix: str) -> list[Problem]:
+    """Ranges of a sampler (the recipe's, or a stage's changes to it: unset keys are skipped)."""
     problems = []
-    s = recipe.sampler
     if s.steps is not None and s.steps < 1:
-        problems.append(Problem("sampler.steps", f"must be at least 1, got {s.steps}"))
+        problems.append(Problem(f"{prefix}.steps", f"must be at least 1, got {s.steps}"))
     for key in ("guidance_scale", "guidance_scale_2", "flow_shift"):
         value = getattr(s, key)
         if value is not None and value < 0:
-            problems.append(Problem(f"sampler.{key}", f"must be >= 0, got {value}"))
-    if not 0 <= s.eta <= 1:
-        problems.append(Problem("sampler.eta", f"must be in [0, 1], got {s.eta}"))
+            problems.append(Problem(f"{prefix}.{key}", f"must be >= 0, got {value}"))
+    if s.eta is not None and not 0 <= s.eta <= 1:
+        problems.append(Problem(f"{prefix}.eta", f"must be in [0, 1], got {s.eta}"))
+    return problems
+
+
+def _check_ranges(recipe: Recipe) -> list[Problem]:
+    s = recipe.sampler
+    problems = _check_sampler(s, "sampler")
     if s.max_sequence_length is not None and s.max_sequence_length < 1:
         problems.append(Problem("sampler.max_sequence_length", f"must be positive, got {s.max_sequence_length}"))
+    if recipe.runtime.checkpoint_every < 1:
+        problems.append(Problem("runtime.checkpoint_every", f"must be at least 1, got {recipe.runtime.checkpoint_every}"))
     if not 0 <= recipe.output.crf <= 51:
         problems.append(Problem("output.crf", f"must be in [0, 51] (lower = better), got {recipe.output.crf}"))
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", recipe.runtime.device):
@@ -125,17 +132,91 @@ def _check_prompt(recipe: Recipe) -> list[Problem]:
     return problems
 
 
+def _check_stages(recipe: Recipe, spec) -> list[Problem]:
+    """An impossible coarse-to-fine plan is refused before loading: sizes, order, strength, hand-offs."""
+    from longvid.recipe.stages import plan_stages
+
+    if not recipe.stages:
+        return []
+    problems = []
+    video = recipe.video
+    for name, stage in recipe.stages.items():
+        key = f"stages.{name}"
+        problems += _check_sampler(stage.sampler, f"{key}.sampler")
+        if not 0 < stage.strength <= 1:
+            problems.append(Problem(f"{key}.strength", f"must be in (0, 1] (1 = from pure noise), got {stage.strength}"))
+        for axis in ("height", "width"):
+            size, m = getattr(stage, axis), spec.spatial_multiple
+            if size is not None and (size < m or size % m):
+                lower, upper = max(m, size // m * m), (size // m + 1) * m
+                problems.append(Problem(f"{key}.{axis}", f"{spec.name} needs a multiple of {m}, got {size} "
+                                                         f"(nearest: {lower} or {upper})"))
+        if stage.num_frames is not None and not spec.frames_valid(stage.num_frames):
+            below, above = spec.nearest_frames(max(stage.num_frames, 1))
+            problems.append(Problem(f"{key}.num_frames", f"{spec.name} needs {spec.temporal_stride}k+1 frames, got "
+                                                         f"{stage.num_frames} (nearest: {below} or {above})"))
+    if problems or None in (video.height, video.width, video.num_frames):
+        return problems
+    plans = plan_stages(recipe)
+    first, last = plans[0], plans[-1]
+    if first.strength != 1:
+        problems.append(Problem(f"stages.{first.name}.strength", "the first stage starts from noise: strength must be 1 "
+                                                                  f"(got {first.strength})"))
+    for axis in ("height", "width", "num_frames"):
+        if getattr(last, axis) != getattr(video, axis):
+            problems.append(Problem(f"stages.{last.name}.{axis}", f"the last stage makes the output, so it is "
+                                                                  f"video.{axis} ({getattr(video, axis)}); set video.{axis} "
+                                                                  f"instead (got {getattr(last, axis)})"))
+    for prev, plan in zip(plans, plans[1:]):
+        key = f"stages.{plan.name}"
+        for axis in ("height", "width", "num_frames"):
+            if getattr(plan, axis) < getattr(prev, axis):
+                problems.append(Problem(f"{key}.{axis}", f"{getattr(plan, axis)} is smaller than the previous stage "
+                                                         f"'{prev.name}' ({getattr(prev, axis)}); stages only enlarge"))
+        if plan.num_frames != prev.num_frames and plan.upsample == "pixel":
+            problems.append(Problem(f"{key}.num_frames", "a pixel hand-off keeps the frame count; use upsample: "
+                                                         "latent to change it"))
+        elif plan.num_frames != prev.num_frames and plan.interpolation == "bicubic":
+            problems.append(Problem(f"{key}.interpolation", "bicubic resizes frames in 2-D; a latent frame-count "
+                                                            "change needs bilinear (trilinear) or nearest"))
+        if plan.steps_run < 1:
+            problems.append(Problem(f"{key}.strength", f"{plan.strength} of {plan.sampler.steps} steps runs no step; "
+                                                       f"raise strength or sampler.steps"))
+    return problems
+
+
 def _check_methods(recipe: Recipe, spec) -> list[Problem]:
+    from longvid.recipe.stages import MAIN_STAGE, methods_in
+
     problems = []
     names = list(recipe.methods)
+    stages = list(recipe.stages) or [MAIN_STAGE]
     for name in names:
         cls = registry.method_class(name)
         if spec.name not in cls.families:
             problems.append(Problem(f"methods.{name}", f"does not support {spec.name} "
                                                        f"(supports: {', '.join(sorted(cls.families))})"))
             continue
+        scope = getattr(recipe.methods[name], "stages", None)
+        unknown = [s for s in scope or [] if s not in recipe.stages]
+        if unknown:
+            known = ", ".join(recipe.stages) if recipe.stages else "none (this recipe has no stages:)"
+            problems.append(Problem(f"methods.{name}.stages", f"no stage {', '.join(map(repr, unknown))}; "
+                                                              f"stages: {known}"))
         for other in names[names.index(name) + 1:]:
+            if spec.name not in registry.method_class(other).families:
+                continue
             if other in cls.conflicts or name in registry.method_class(other).conflicts:
                 problems.append(Problem(f"methods.{name}", f"conflicts with methods.{other}; remove one"))
+                continue
+            shared = [s for s in stages if name in methods_in(recipe, s) and other in methods_in(recipe, s)]
+            kinds = cls.patched_sites(recipe.methods[name], spec) & \
+                registry.method_class(other).patched_sites(recipe.methods[other], spec)
+            if shared and kinds:
+                where = f" in stage {shared[0]}" if recipe.stages else ""
+                problems.append(Problem(f"methods.{name}", f"patches the same {'/'.join(sorted(kinds))} attention "
+                                                           f"sites as methods.{other}{where} (one attention method per "
+                                                           f"site); remove one or scope them to different stages "
+                                                           f"(methods.{name}.stages)"))
         problems += [Problem(k, m) for k, m in cls.check(recipe.methods[name], recipe, spec)]
     return problems

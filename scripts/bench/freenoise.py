@@ -256,7 +256,7 @@ ATTN_HEADS = 8
 def attn_setup(sizes: Sizes, frames: int):
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    from longvid.core.windows import WindowFusedAttnProcessor
+    from longvid.core.window_attention import WindowFusedAttnProcessor
 
     b, h, w = sizes.attn_bhw
     c = sizes.attn_c

@@ -30,7 +30,6 @@ def wan(tiny_wan_dir):
 
 def _latents(adapter, mapping):
     recipe = resolve(mapping)
-    adapter.recipe = recipe
     return denoise_latents(adapter, recipe)
 
 
@@ -48,7 +47,6 @@ def test_long_animatediff_generation_and_official_full_resolution_level(animated
     m["methods"] = {"freelong": {}, "freenoise": {"fusion": "none"}}
     recipe = resolve(m)
     adapter = animatediff
-    adapter.recipe = recipe
     ctx = GenerationContext(40, 32, 32, 40, 4, 4, total_steps=3)
     with applied(build_methods(recipe), adapter, ctx):
         ops = {s.name: s.module.processor.op.op for s in adapter.attention_sites("temporal")}

@@ -6,6 +6,7 @@ from diffusers import AnimateDiffPipeline
 
 from longvid.errors import RecipeError
 from longvid.recipe.resolve import resolve
+from longvid.core.guidance import guided
 from longvid.runner import build_methods, denoise_latents, load_adapter
 from tests.helpers import animatediff_recipe, frames01, wan_recipe
 
@@ -127,11 +128,11 @@ def test_wan_multi_prompt_assigns_one_prompt_per_window(tiny_wan_dir):
     recipe = resolve(mapping)
     adapter = load_adapter(recipe)
     texts = []
-    original = adapter.denoise
-    adapter.denoise = lambda x, t, cond: texts.append(cond.positive.sum().item()) or original(x, t, cond)
+    denoise = guided(adapter, recipe.sampler)
+    spy = lambda x, t, cond: texts.append(cond.positive.sum().item()) or denoise(x, t, cond)  # noqa: E731
     try:
         method = build_methods(recipe)[0]
-        fused = method.wrap_denoiser(adapter.denoise, adapter, None)
+        fused = method.wrap_denoiser(spy, adapter, None)
         cond = __import__("longvid.runner", fromlist=["encode"]).encode(adapter, recipe)
         fused(torch.zeros(1, 16, 9, 2, 2), torch.tensor(999.0), cond)
     finally:
@@ -154,20 +155,20 @@ def test_wan_freenoise_validation(override, key):
 
 
 def test_motion_injection_schedule_scales_with_steps(tiny_animatediff_dir):
-    """Encoder/middle cross-attention of the cond pass sees the last prompt outside [a, b]; decoder never."""
+    """Encoder/middle cross-attention of the cond pass sees the last prompt outside [a, b); decoder never."""
     mapping = animatediff_recipe(tiny_animatediff_dir, num_frames=20)
     mapping["prompt"] = {0: "a calm lake", 10: "a storm over the lake"}
     mapping["sampler"]["steps"] = 10
-    mapping["methods"] = {"freenoise": {"injection": True, "injection_steps": [0.1, 0.3]}}
+    mapping["methods"] = {"freenoise": {"injection": True, "injection_steps": [0.1, 0.35]}}
     recipe = resolve(mapping)
     adapter = load_adapter(recipe)
     seen = {}  # (step, part) -> context rows of the cond pass
     ctx_holder = {}
     hooks = []
     for site in adapter.attention_sites("cross"):
-        def spy(module, args, kwargs, output, part=site.part):
-            seen.setdefault((ctx_holder["ctx"].step, part), kwargs["encoder_hidden_states"][-20:].clone())
-        hooks.append(site.module.register_forward_hook(spy, with_kwargs=True))
+        def spy(module, args, part=site.part):  # the context rows the key projection really sees
+            seen.setdefault((ctx_holder["ctx"].step, part), args[0][-20:].clone())
+        hooks.append(site.module.to_k.register_forward_pre_hook(spy))
     from longvid import runner
 
     original = runner.GenerationContext
@@ -188,11 +189,23 @@ def test_motion_injection_schedule_scales_with_steps(tiny_animatediff_dir):
     last = cond.keyframes[10].positive[0]
     first = cond.keyframes[0].positive[0]
     for step in range(10):
-        injected = not 0.1 <= step / 10 <= 0.3  # steps 1, 2, 3 keep per-frame prompts
+        injected = not 0.1 <= step / 10 < 0.35  # steps 1, 2, 3 keep per-frame prompts
         encoder = seen[(step, "encoder")]
         assert torch.equal(encoder[0], last) == injected, step
         assert torch.equal(seen[(step, "decoder")][0], first)  # decoder: per-frame prompts (frame 0 = first)
     assert torch.isfinite(latents).all()
+
+
+def test_default_injection_window_is_the_official_schedule():
+    """Official FreeNoise: per-frame prompts at steps 5..15 of 50; the default [0.1, 0.32) says exactly that."""
+    from longvid.core.context import GenerationContext
+    from longvid.core.processors import in_step_window
+    from longvid.methods.freenoise import FreeNoiseConfig
+
+    a, b = FreeNoiseConfig().injection_steps
+    ctx = GenerationContext(16, 64, 64, 16, 8, 8, total_steps=50)
+    inside = [i for i in range(50) if (setattr(ctx, "step", i) or in_step_window(ctx, a, b))]
+    assert inside == list(range(5, 16))
 
 
 def test_motion_injection_needs_multi_prompt_on_a_unet():

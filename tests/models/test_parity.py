@@ -77,25 +77,30 @@ def test_same_seed_same_latents_other_seed_different(tiny_wan_dir):
 
 def test_adapters_describe_sites_and_keep_layouts_current(tiny_animatediff_dir, tiny_wan_dir):
     """Methods rely on the adapter's site kinds and live (B, F, H, W) layouts, at any size."""
-    adapter = load_adapter(resolve(animatediff_recipe(tiny_animatediff_dir, num_frames=12, height=48, width=32)))
+    recipe = resolve(animatediff_recipe(tiny_animatediff_dir, num_frames=12, height=48, width=32))
+    adapter = load_adapter(recipe)
     try:
         sites = adapter.attention_sites()
         kinds = {s.kind for s in sites}
         assert kinds == {"temporal", "spatial", "cross"}
-        denoise_latents(adapter, adapter.recipe)
+        for kind in kinds:  # per-kind layer indices 0..n-1 in model order, all in the UNet
+            assert [s.layer for s in adapter.attention_sites(kind)] == list(range(len(adapter.attention_sites(kind))))
+        assert {s.denoiser for s in sites} == {"unet"}
+        denoise_latents(adapter, recipe)
         full_res = [s for s in sites if s.level == 0 and s.kind in ("temporal", "spatial")]
         # CFG batch 2, 12 frames, 48x32 px -> 24x16 latents at level 0 (the tiny VAE downsamples 2x)
         assert {(s.layout.kind, s.layout.batch, s.layout.frames, s.layout.height, s.layout.width)
                 for s in full_res} == {("temporal", 2, 12, 24, 16), ("spatial", 2, 12, 24, 16)}
     finally:
         adapter.close()
-    adapter = load_adapter(resolve(wan_recipe(tiny_wan_dir, num_frames=13, height=32, width=64)))
+    recipe = resolve(wan_recipe(tiny_wan_dir, num_frames=13, height=32, width=64))
+    adapter = load_adapter(recipe)
     try:
-        denoise_latents(adapter, adapter.recipe)
-        layouts = {s.layout for s in adapter.attention_sites("full")}
-        assert len(adapter.attention_sites("full")) == 2
+        denoise_latents(adapter, recipe)
+        layouts = {s.layout for s in adapter.attention_sites()}
+        assert len(adapter.attention_sites("full")) == len(adapter.attention_sites("cross")) == 2
         # 13 frames -> 4 latent frames; 32x64 px -> 4x8 latents -> 2x4 tokens after the 2x2 patch
         assert {(l.batch, l.frames, l.height, l.width) for l in layouts} == {(1, 4, 2, 4)}
-        assert adapter.rope_module is adapter.pipe.transformer.rope
+        assert adapter.rope_modules == {"transformer": adapter.pipe.transformer.rope}
     finally:
         adapter.close()

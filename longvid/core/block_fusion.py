@@ -1,0 +1,181 @@
+"""FreeNoise window fusion per transformer block (official AnimateDiff port, diffusers
+``FreeNoiseTransformerBlock``; notes §2.5–2.6).
+
+Each view runs the block's attention half (both attentions with their residuals); the views' states are
+weight-averaged per frame (:mod:`longvid.core.windows`), then the feed-forward runs once on the fused states.
+Installed as a named diffusers ``ModelHook`` (:data:`BLOCK_HOOK_NAME`), so weights stay shared and removal
+restores the block exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention import _chunked_feed_forward
+from torch import nn
+
+from longvid.core.windows import WindowAccumulator, check_window, fusion_plan, window_weights
+
+BLOCK_HOOK_NAME = "longvid.freenoise.block"
+
+
+class BlockFusionHook(ModelHook):
+    """Adapted from diffusers==0.42.1 FreeNoiseTransformerBlock.forward (change: tail weights w[-k:],
+    F ≤ window = vanilla).
+
+    Per view: norm1 → pos_embed (window-local) → attn1 → +residual → norm2 → pos_embed → attn2 → +residual;
+    the views' states are weight-averaged per frame; then norm3 → ff → +residual once on the fused states.
+    ``F ≤ window`` calls the block's own forward, so it is bit-identical to vanilla.
+    """
+
+    def __init__(self, window: int = 16, stride: int = 4, weighting: str = "pyramid", chunk_bytes: int = 256 << 20):
+        super().__init__()
+        check_window(window, stride)
+        self.chunk_bytes = chunk_bytes  # bound on one batched views tensor (rows of B·H·W processed per call)
+        window_weights(window, weighting)  # validates the scheme name early
+        self.window = window
+        self.stride = stride
+        self.weighting = weighting
+
+    def new_forward(
+        self,
+        block,
+        hidden_states,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        timestep=None,
+        cross_attention_kwargs=None,
+        class_labels=None,
+        added_cond_kwargs=None,
+    ):
+        if hidden_states.ndim != 3:
+            raise ValueError(f"block fusion expects (B·H·W, F, C) input, got shape {tuple(hidden_states.shape)}")
+        if hidden_states.shape[1] <= self.window:  # one view: exactly the block's own forward
+            return self.fn_ref.original_forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                timestep=timestep,
+                cross_attention_kwargs=cross_attention_kwargs,
+                class_labels=class_labels,
+                added_cond_kwargs=added_cond_kwargs,
+            )
+        if attention_mask is not None and not block.only_cross_attention:
+            raise ValueError("block fusion: a self-attention mask cannot be split into windows")
+        kwargs = dict(cross_attention_kwargs or {})
+        kwargs.pop("gligen", None)
+        plan = fusion_plan(hidden_states.shape[1], self.window, self.stride, self.weighting)
+        fused = torch.empty_like(hidden_states)  # (N, F, C)
+        for rows in _row_chunks(hidden_states, len(plan.views) * self.window, self.chunk_bytes):
+            fused[rows] = self._fused_views(block, plan, hidden_states[rows], attention_mask,
+                                            _rows_of(encoder_hidden_states, rows),
+                                            _rows_of(encoder_attention_mask, rows), kwargs)
+        return _feed_forward_part(block, fused)  # (N, F, C)
+
+    def _fused_views(self, block, plan, x, attention_mask, ehs, ehs_mask, kwargs) -> torch.Tensor:
+        """All views of ``x`` (n, F, C) through the attention half in one batched call, then fused.
+
+        Every view has ``window`` frames (the tail view too), so the views stack into the batch axis: one call
+        of ~10 ops instead of one per view (29 views at F=128), measured 1.51x -> 1.24x of a vanilla UNet step.
+        """
+        n, _, c = x.shape
+        starts = torch.tensor([s for s, _ in plan.views], device=x.device)
+        index = starts[:, None] + torch.arange(self.window, device=x.device)  # (V, L)
+        views = len(plan.views)
+        stacked = x[:, index].reshape(n * views, self.window, c)  # (n*V, L, C), view-major inside each row
+        ehs = ehs.repeat_interleave(views, dim=0) if ehs is not None else None
+        ehs_mask = ehs_mask.repeat_interleave(views, dim=0) if ehs_mask is not None else None
+        out = _attention_part(block, stacked, attention_mask, ehs, ehs_mask, kwargs).view(n, views, self.window, c)
+        acc = WindowAccumulator(plan, x, dim=1)
+        for i in range(views):
+            acc.add(i, out[:, i])  # (n, L, C)
+        return acc.result()
+
+
+class BlockFusionHandle:
+    """Returned by :func:`apply_block_fusion`; ``remove()`` restores the block (idempotent)."""
+
+    def __init__(self, block: nn.Module, hook: BlockFusionHook):
+        self.block = block
+        self.hook = hook
+
+    def remove(self) -> None:
+        remove_block_fusion(self.block)
+
+
+def apply_block_fusion(
+    block: nn.Module, window: int = 16, stride: int = 4, weighting: str = "pyramid", chunk_bytes: int = 256 << 20
+) -> BlockFusionHandle:
+    """Install FreeNoise block-level window fusion on a diffusers ``BasicTransformerBlock``.
+
+    The block must see ``(B·H·W, F, C)`` input (AnimateDiff motion-module blocks). Semantics are those of
+    diffusers' ``FreeNoiseTransformerBlock`` with the tail-weight fix and a vanilla path for ``F ≤ window``
+    (:class:`BlockFusionHook`), installed as a diffusers ``ModelHook`` named :data:`BLOCK_HOOK_NAME` instead
+    of swapping modules, so weights stay shared, other hooks compose, and removal restores the block exactly.
+    Callers holding a parent ``HookRegistry`` should call its ``invalidate_child_registries_cache()``.
+    """
+    _check_block(block)
+    hook = BlockFusionHook(window, stride, weighting, chunk_bytes)
+    HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, BLOCK_HOOK_NAME)
+    return BlockFusionHandle(block, hook)
+
+
+def remove_block_fusion(block: nn.Module) -> None:
+    """Remove the hook installed by :func:`apply_block_fusion` (no-op if absent); the block is then vanilla."""
+    registry = getattr(block, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(BLOCK_HOOK_NAME) is not None:
+        registry.remove_hook(BLOCK_HOOK_NAME, recurse=False)
+
+
+def _row_chunks(x: torch.Tensor, frames_per_row: int, budget: int):
+    """Slices of the leading (B·H·W) axis whose stacked views (rows x frames_per_row x C) fit ``budget`` bytes."""
+    per_row = frames_per_row * x.shape[-1] * x.element_size()
+    step = max(1, budget // max(per_row, 1))
+    return [slice(i, min(i + step, x.shape[0])) for i in range(0, x.shape[0], step)]
+
+
+def _rows_of(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return t[rows] if t is not None else None
+
+
+def _attention_part(block, x, attention_mask, encoder_hidden_states, encoder_attention_mask, kwargs) -> torch.Tensor:
+    """The block's attention half on one view, residuals included. ``(N, L, C) -> (N, L, C)``."""
+    h = block.norm1(x)
+    if block.pos_embed is not None:
+        h = block.pos_embed(h)  # adds pe[:, :L]: positions restart at 0 in every view
+    ehs = encoder_hidden_states if block.only_cross_attention else None
+    x = block.attn1(h, encoder_hidden_states=ehs, attention_mask=attention_mask, **kwargs) + x
+    if block.attn2 is not None:
+        h = block.norm2(x)
+        if block.pos_embed is not None:
+            h = block.pos_embed(h)
+        attn2_out = block.attn2(
+            h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kwargs
+        )
+        x = attn2_out + x
+    return x
+
+
+def _feed_forward_part(block, x: torch.Tensor) -> torch.Tensor:
+    """norm3 → ff (chunked if the block asks for it) → +residual. ``(N, F, C) -> (N, F, C)``."""
+    h = block.norm3(x)
+    if block._chunk_size is not None:
+        ff = _chunked_feed_forward(block.ff, h, block._chunk_dim, block._chunk_size)
+    else:
+        ff = block.ff(h)
+    return ff + x
+
+
+def _check_block(block: nn.Module) -> None:
+    """Block fusion reimplements the layer_norm path of BasicTransformerBlock only; refuse anything else."""
+    needed = ("norm1", "attn1", "norm3", "ff", "pos_embed", "only_cross_attention", "_chunk_size")
+    missing = [name for name in needed if not hasattr(block, name)]
+    if missing:
+        name = type(block).__name__
+        raise ValueError(f"block fusion needs a diffusers BasicTransformerBlock; {name} lacks {missing}")
+    if getattr(block, "norm_type", "layer_norm") != "layer_norm":
+        raise ValueError(f"block fusion supports norm_type='layer_norm' blocks only, got {block.norm_type!r}")
+    if hasattr(block, "fuser"):
+        raise ValueError("block fusion does not support GLIGEN (gated) transformer blocks")

@@ -1,0 +1,93 @@
+"""FreeNoise per-layer window fusion (WindowFusedAttnProcessor) against a per-window reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+
+from longvid.core.window_attention import WindowFusedAttnProcessor
+from longvid.core.windows import context_views
+from tests.core.window_helpers import C, HEADS, PYRAMID_16, _randomize, _x
+
+
+# ------------------------------------------------------------------------------------------ attention processor
+
+
+def _attention(seed: int = 1, qk_norm: str | None = None) -> Attention:
+    attn = Attention(query_dim=C, heads=HEADS, dim_head=C // HEADS, bias=True, out_bias=True, qk_norm=qk_norm)
+    return _randomize(attn, seed)
+
+
+def _vanilla(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    attn.set_processor(AttnProcessor2_0())
+    return attn(x)
+
+
+def _reference_windowed(attn: Attention, x: torch.Tensor, views, pe=None) -> torch.Tensor:
+    """Straightforward per-window reference: slice, (add pe[:L],) project, attend, weight, average, to_out.
+
+    Weights are the pyramid; a tail view (start not on the stride grid) only fills frames no earlier view
+    covered, with the matching slice of its weights.
+    """
+    n, frames, _ = x.shape
+    total = torch.zeros(n, frames, C)
+    count = torch.zeros(1, frames, 1)
+    covered = 0
+    for start, end in views:
+        length = end - start
+        xw = x[:, start:end] + (pe[:length] if pe is not None else 0)
+        q, k, v = (p(xw).view(n, length, HEADS, -1).transpose(1, 2) for p in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, C)
+        w = torch.tensor(PYRAMID_16[:length] if length == 16 else [1.0] * length).view(1, -1, 1)
+        skip = covered - start if start % 4 else 0  # the tail view skips frames earlier views covered
+        total[:, start + skip : end] += (o * w)[:, skip:]
+        count[:, start + skip : end] += w[:, skip:]
+        covered = end
+    return attn.to_out[0](total / count)
+
+
+@pytest.mark.parametrize("frames", [16, 11])
+def test_processor_is_vanilla_up_to_window(frames):
+    attn, x = _attention(), _x(6, frames)
+    expected = _vanilla(attn, x)
+    attn.set_processor(WindowFusedAttnProcessor(16, 4))
+    assert (attn(x) - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("frames", [64, 26])
+def test_processor_equals_per_window_reference(frames):
+    attn, x = _attention(), _x(6, frames)
+    expected = _reference_windowed(attn, x, context_views(frames, 16, 4))
+    attn.set_processor(WindowFusedAttnProcessor(16, 4))
+    out = attn(x)
+    assert (out - expected).abs().max() <= 1e-5
+    assert (out - _vanilla(attn, x)).abs().max() > 1e-3  # windowing changes the result
+
+
+@pytest.mark.parametrize("qk_norm", [None, "layer_norm"])
+def test_processor_window_local_pos_embed(qk_norm):
+    attn, x = _attention(qk_norm=qk_norm), _x(6, 64)
+    pos = SinusoidalPositionalEmbedding(C, max_seq_length=32)
+    expected = _reference_windowed(attn, x, context_views(64, 16, 4), pe=pos.pe[0])
+    attn.set_processor(WindowFusedAttnProcessor(16, 4, pos_embed=pos))
+    out = attn(x)
+    assert (out - expected).abs().max() <= 1e-5
+    assert (out - _reference_windowed(attn, x, context_views(64, 16, 4))).abs().max() > 1e-3
+
+
+def test_processor_pos_embed_short_clip_is_vanilla_with_pe():
+    attn, x = _attention(), _x(4, 12)
+    pos = SinusoidalPositionalEmbedding(C, max_seq_length=32)
+    expected = _vanilla(attn, pos(x))
+    attn.set_processor(WindowFusedAttnProcessor(16, 4, pos_embed=pos))
+    assert (attn(x) - expected).abs().max() <= 1e-5
+
+
+def test_processor_rejects_cross_attention():
+    attn = _attention()
+    attn.set_processor(WindowFusedAttnProcessor(16, 4))
+    with pytest.raises(ValueError, match="self-attention"):
+        attn(_x(2, 20), encoder_hidden_states=_x(2, 5))
