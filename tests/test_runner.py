@@ -15,7 +15,6 @@ import longvid
 from longvid import runner
 from longvid.errors import ModelLoadError, OutputExistsError
 from longvid.models.animatediff import AnimateDiffAdapter
-from longvid.models.base import load_key
 from longvid.models.wan import WanAdapter
 from longvid.recipe.resolve import resolve
 from tests.helpers import animatediff_recipe, wan_recipe
@@ -133,12 +132,7 @@ def test_animatediff_from_sd15_folder_and_separate_motion_adapter(sd15_and_motio
     # The same components assembled in memory give the same latents: the loaded motion adapter is really used.
     pipe = AnimateDiffPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet,
                                motion_adapter=parts.motion_adapter, scheduler=parts.scheduler)
-    pipe.to(torch.float32)
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-    adapter = AnimateDiffAdapter(pipe, load_key(recipe), torch.device("cpu"))
-    reference = runner.generate(recipe, adapter=adapter, write=False)
+    reference = runner.generate(recipe, adapter=AnimateDiffAdapter.from_pipeline(pipe, recipe), write=False)
     assert torch.allclose(result.latents, reference.latents, atol=1e-5, rtol=0)
     assert reference.path is None
 

@@ -59,6 +59,12 @@ class Method:
         stage conflict (one attention method per site); ``resolve()`` reports the pair."""
         return frozenset()
 
+    @classmethod
+    def identity_settings(cls, spec: Any) -> dict[str, Any]:
+        """Settings under which the method is exactly vanilla on a native-length, native-size video of ``spec``
+        (the contract tests check it). Long-video methods whose windows default to the native length need none."""
+        return {}
+
     def noise_builder(self, adapter: Any) -> Callable | None:
         """An initial-noise builder ``(shape, generator, *, dtype, device, frame_dim) -> Tensor``, or None."""
         return None

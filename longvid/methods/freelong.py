@@ -76,9 +76,13 @@ class FreeLong(Method):
             problems.append(("methods.freelong.window", f"{spec.name} windows need {spec.temporal_stride}k+1 frames, "
                                                         f"got {config.window} (nearest: {below} or {above})"))
         freenoise = recipe.methods.get("freenoise")
-        if freenoise is not None and getattr(freenoise, "fusion", "none") != "none":
-            problems.append(("methods.freelong", "patches the same attention as FreeNoise window fusion; combine "
-                                                 "them with methods.freenoise.fusion=none (noise rescheduling only)"))
+        if freenoise is not None and _share_a_stage(recipe, "freelong", "freenoise"):
+            from longvid.methods.freenoise import FreeNoise
+
+            if FreeNoise.fusion_for(freenoise, spec) == "denoiser":  # block/layer: a site conflict, reported generically
+                problems.append(("methods.freelong", "FreeNoise context windows cut the video before FreeLong's "
+                                                     "global branch sees it; combine them with "
+                                                     "methods.freenoise.fusion=none (noise rescheduling only)"))
         return problems
 
     @classmethod
@@ -107,3 +111,9 @@ class FreeLong(Method):
             op = SpectralBlendAttention(window=window, window_mode=cfg.window_mode, d_s=cfg.d_s, d_t=cfg.d_t,
                                         grid=cfg.grid, local_only=local_only)
             self.on_remove(adapter.install_op(site, StepWindow(op, ctx, *cfg.steps), self.name))
+
+
+def _share_a_stage(recipe: Any, a: str, b: str) -> bool:
+    from longvid.recipe.stages import MAIN_STAGE, methods_in
+
+    return any(a in methods_in(recipe, s) and b in methods_in(recipe, s) for s in (list(recipe.stages) or [MAIN_STAGE]))

@@ -107,17 +107,24 @@ class ModelAdapter:
     @classmethod
     def load(cls, recipe: Recipe) -> "ModelAdapter":
         """Load the model named by ``recipe.model`` onto ``recipe.runtime.device``; nothing else is read."""
-        model, runtime = recipe.model, recipe.runtime
-        device = pick_device(runtime.device)
-        dtype = cls._denoiser_dtype(model, device)
-        dtypes = {name: dtype for name in cls.denoiser_names}
-        dtypes["text_encoder"] = _DTYPES[model.text_encoder_dtype] if model.text_encoder_dtype else dtype
-        dtypes["vae"] = _DTYPES[model.vae_dtype or "float32"]
-        dtypes["default"] = dtype
-        pipe = cls._load_pipeline(model, dtypes)
-        if runtime.offload == "model" and device.type == "cuda":
+        device = pick_device(recipe.runtime.device)
+        pipe = cls._load_pipeline(recipe.model, cls._dtypes(recipe.model, device))
+        return cls._wrap(pipe, recipe, device)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, recipe: Recipe) -> "ModelAdapter":
+        """Wrap diffusers components built in memory (benchmarks, real-size random-weight checks) exactly as
+        :meth:`load` wraps loaded ones: per-component dtypes, device or offload, eval mode, load key."""
+        device = pick_device(recipe.runtime.device)
+        _cast(pipe, cls._dtypes(recipe.model, device))
+        return cls._wrap(pipe, recipe, device)
+
+    @classmethod
+    def _wrap(cls, pipe: Any, recipe: Recipe, device: torch.device) -> "ModelAdapter":
+        offload = recipe.runtime.offload
+        if offload == "model" and device.type == "cuda":
             pipe.enable_model_cpu_offload(device=device)
-        elif runtime.offload == "sequential" and device.type == "cuda":
+        elif offload == "sequential" and device.type == "cuda":
             pipe.enable_sequential_cpu_offload(device=device)
         else:
             pipe.to(device)
@@ -129,10 +136,15 @@ class ModelAdapter:
         return adapter
 
     @classmethod
-    def _denoiser_dtype(cls, model: ModelConfig, device: torch.device) -> torch.dtype:
-        if model.dtype:
-            return _DTYPES[model.dtype]
-        return _DTYPES[cls.spec.cuda_dtype] if device.type == "cuda" else torch.float32
+    def _dtypes(cls, model: ModelConfig, device: torch.device) -> dict[str, torch.dtype]:
+        """dtype per pipeline component (``default`` for the rest): denoisers, text encoder, an fp32 VAE."""
+        dtype = _DTYPES[model.dtype] if model.dtype else (
+            _DTYPES[cls.spec.cuda_dtype] if device.type == "cuda" else torch.float32)
+        dtypes = {name: dtype for name in cls.denoiser_names}
+        dtypes["text_encoder"] = _DTYPES[model.text_encoder_dtype] if model.text_encoder_dtype else dtype
+        dtypes["vae"] = _DTYPES[model.vae_dtype or "float32"]
+        dtypes["default"] = dtype
+        return dtypes
 
     @classmethod
     def _load_pipeline(cls, model: ModelConfig, dtypes: dict[str, torch.dtype]):
@@ -140,9 +152,7 @@ class ModelAdapter:
             from longvid.models import tiny
 
             pipe = tiny.build(model.path.removeprefix("tiny:"))
-            for name, module in pipe.components.items():
-                if isinstance(module, torch.nn.Module):
-                    module.to(dtypes.get(name, dtypes["default"]))
+            _cast(pipe, dtypes)
             return pipe
         import diffusers
 
@@ -291,6 +301,28 @@ class ModelAdapter:
     def encode_stream(self, chunks: Iterable[torch.Tensor], runtime: RuntimeConfig) -> torch.Tensor: ...
     def _find_sites(self) -> list[AttentionSite]: ...
     def _install_layout_hooks(self) -> None: ...
+
+
+def _cast(pipe: Any, dtypes: dict[str, torch.dtype]) -> None:
+    """Cast components built in code as ``from_pretrained(torch_dtype=...)`` casts loaded ones: each to its dtype,
+    except what a model keeps in float32 (``_keep_in_fp32_modules``, matched on dotted name parts: Wan's RoPE
+    tables, time embedder, norms and modulation), which goes straight to float32 (RoPE tables never pass through
+    bf16)."""
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        dtype = dtypes.get(name, dtypes["default"])
+        keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+        for sub_name, sub in module.named_modules():
+            parts = set(sub_name.split("."))
+            for table in (sub._parameters, sub._buffers):
+                for key, t in table.items():
+                    if t is not None and t.is_floating_point():
+                        target = torch.float32 if keep & (parts | {key}) else dtype
+                        if table is sub._parameters:
+                            t.data = t.data.to(target)
+                        else:
+                            table[key] = t.to(target)
 
 
 def from_pretrained(cls, path: str, *, key: str, **kwargs):
