@@ -82,12 +82,13 @@ def encode(adapter: ModelAdapter, recipe: Recipe) -> Conditioning:
 
 
 def denoise_latents(adapter: ModelAdapter, recipe: Recipe, progress: Progress | None = None,
-                    timings: dict[str, Any] | None = None, *, store: CheckpointStore | None = None,
-                    resume: Checkpoint | None = None, stop: StopRequests | None = None) -> torch.Tensor:
-    """Everything up to the final latents: conditioning, then every stage (noise or hand-off, methods, loop)."""
+                    timings: dict[str, Any] | None = None, *, steps: "_Steps | None" = None,
+                    resume: Checkpoint | None = None) -> torch.Tensor:
+    """Everything up to the final latents: conditioning, then every stage (noise or hand-off, methods, loop).
+    ``steps`` receives every step (progress, checkpoints, stop requests); ``resume`` continues a checkpoint."""
     timings = {} if timings is None else timings
     plans = plan_stages(recipe)
-    steps = _Steps(recipe, plans, progress, store, stop)
+    steps = steps or _Steps(recipe, progress)
     if resume is not None and resume.data.get("done"):
         timings["resumed_from"] = {"stage": resume.data["stage"], "step": resume.data["step"]}
         return resume.tensors["loop.latents"].to(adapter.device)
@@ -178,9 +179,10 @@ def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 class _Steps:
     """Receives every step of every stage: progress, periodic checkpoints, and a clean stop on a signal."""
 
-    def __init__(self, recipe: Recipe, plans: list[StagePlan], progress: Progress | None,
-                 store: CheckpointStore | None, stop: StopRequests | None):
-        self.recipe, self.plans, self.progress, self.store, self.stop = recipe, plans, progress, store, stop
+    def __init__(self, recipe: Recipe, progress: Progress | None, store: CheckpointStore | None = None,
+                 stop: StopRequests | None = None):
+        self.recipe, self.progress, self.store, self.stop = recipe, progress, store, stop
+        self.plans = plan_stages(recipe)
         self.every = recipe.runtime.checkpoint_every if recipe.runtime.checkpoint == "every_n" else None
         self.generator: torch.Generator | None = None
 
@@ -216,6 +218,14 @@ class _Steps:
         self.store.save({"recipe_name": self.recipe.name, "stage": plan.name, "stage_index": plan.index,
                          "step": state.step, "total_steps": plan.sampler.steps, "done": done, "loop": state.data,
                          "methods": method_data}, tensors)
+
+    def check_decode(self, latents: torch.Tensor) -> None:
+        """Between decoded chunks: on a stop request, keep the final latents (the rerun only decodes) and stop."""
+        if self.store is None or self.stop is None or self.stop.requested is None:
+            return
+        last = self.plans[-1]
+        self.save(last, LoopState(last.sampler.steps, {"latents": latents}), [], done=True)
+        raise self.stopped(last, last.sampler.steps)
 
     def stopped(self, plan: StagePlan, step: int) -> Checkpointed:
         where = f"stage {plan.name}, " if len(self.plans) > 1 else ""
@@ -262,12 +272,12 @@ def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progres
     try:
         adapter.check_run(recipe)
         with StopRequests(enabled=catching) as stop:
-            steps_store = store if catching or resume is not None else None
-            latents = denoise_latents(adapter, recipe, progress=progress, timings=timings, store=steps_store,
-                                      resume=resume, stop=stop if catching else None)
+            steps = _Steps(recipe, progress, store if catching or resume is not None else None,
+                           stop if catching else None)
+            latents = denoise_latents(adapter, recipe, timings=timings, steps=steps, resume=resume)
             tick = time.perf_counter()
             if path is not None:
-                _write_video(adapter, recipe, latents, path, progress, stop if catching else None, store)
+                _write_video(adapter, recipe, latents, path, progress, steps)
             timings["decode_s"] = time.perf_counter() - tick
     except torch.OutOfMemoryError as err:
         v = recipe.video
@@ -316,7 +326,7 @@ def _output_file(recipe: Recipe) -> Path:
 
 
 def _write_video(adapter: ModelAdapter, recipe: Recipe, latents: torch.Tensor, path: Path,
-                 progress: Progress | None, stop: StopRequests | None, store: CheckpointStore | None) -> None:
+                 progress: Progress | None, steps: _Steps) -> None:
     """Stream decoded chunks straight into the encoder: the whole video is never held in memory. A stop
     request between chunks keeps the final latents as a checkpoint (the rerun only decodes)."""
     out = recipe.output
@@ -325,12 +335,7 @@ def _write_video(adapter: ModelAdapter, recipe: Recipe, latents: torch.Tensor, p
     with VideoWriter(path, fps=recipe.video.fps, codec=out.codec, crf=out.crf, preset=out.preset, pix_fmt=pix_fmt,
                      overwrite=out.overwrite) as writer:
         for chunk in adapter.decode_stream(latents, recipe.runtime):  # (B, 3, f, H, W) in [-1, 1]
-            if stop is not None and stop.requested is not None:
-                plans = plan_stages(recipe)
-                steps = _Steps(recipe, plans, None, store, stop)
-                last = plans[-1]
-                steps.save(last, LoopState(last.sampler.steps, {"latents": latents}), [], done=True)
-                raise steps.stopped(last, last.sampler.steps)
+            steps.check_decode(latents)
             writer.write(chunk[0])
             done += chunk.shape[2]
             if progress:
