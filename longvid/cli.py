@@ -22,12 +22,28 @@ from longvid.errors import LongvidError, Problem, RecipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Long and high-resolution video generation with existing video diffusion models.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from longvid import __version__
+
+        print(f"longvid {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Long and high-resolution video generation with existing video diffusion models."""
 # No markup or emoji codes: printed text holds user text (prompts, paths) that "[x]" or ":fire:" must not alter;
 # soft_wrap: a long path is never folded or cropped to the terminal (or 80 columns in a log file).
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
 
-RecipeArg = Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name or a YAML path.")]
+RecipeArg = Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name, a YAML path or a sidecar.")]
+InterpolateOpt = Annotated[bool, typer.Option("--interpolate", help="Evaluate OmegaConf interpolations (${...}) in "
+                                                                    "recipe values; prompts are never evaluated.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. video.num_frames=81.",
                                                           show_default=False)]
 
@@ -61,6 +77,8 @@ def _prompt_at(items: list[str] | None) -> dict[int, str] | None:
         frame, sep, text = item.partition(":")
         if not sep or not frame.strip().isdigit() or not text.strip():
             raise RecipeError([Problem("--prompt-at", f"expected FRAME:TEXT like 0:\"a calm lake\", got {item!r}")])
+        if int(frame) in prompts:
+            raise RecipeError([Problem("--prompt-at", f"frame {int(frame)} is given twice; one prompt per frame")])
         prompts[int(frame)] = text
     return prompts
 
@@ -90,6 +108,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar JSON to stdout.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Discard this output's checkpoint instead of "
                                                             "resuming it.")] = False,
+    interpolate: InterpolateOpt = False,
 ):
     """Generate a video from a recipe.
 
@@ -107,10 +126,15 @@ def generate(
     from longvid.recipe.resolve import resolve, to_yaml
 
     resolved = resolve(recipe, overrides or [], _options(prompt, prompt_at, negative_prompt, seed, out_dir, name,
-                                                         overwrite))
+                                                         overwrite), interpolate=interpolate)
     if dry_run:
-        out.print(to_yaml(resolved), end="")
-        out.print(_shape_summary(resolved))
+        if as_json:
+            from longvid.recipe.resolve import to_dict
+
+            print(json.dumps({"recipe": to_dict(resolved), **_shapes(resolved)}, indent=2, ensure_ascii=False))
+        else:
+            out.print(to_yaml(resolved), end="")
+            out.print(_shape_summary(resolved))
         return
     _quiet_libraries()
     from longvid.runner import generate as run
@@ -132,8 +156,8 @@ def generate(
 @app.command()
 @friendly
 def show(recipe: Annotated[str, typer.Argument(help="Built-in recipe name or YAML path.")],
-         overrides: Overrides = None):
-    """Print the resolved recipe (all layers applied). Loads no model.
+         overrides: Overrides = None, interpolate: InterpolateOpt = False):
+    """Print the resolved recipe (all layers applied, stages in order). Loads no model.
 
     \b
     Example:
@@ -141,7 +165,7 @@ def show(recipe: Annotated[str, typer.Argument(help="Built-in recipe name or YAM
     """
     from longvid.recipe.resolve import resolve, to_yaml
 
-    out.print(to_yaml(resolve(recipe, overrides or [])), end="")
+    out.print(to_yaml(resolve(recipe, overrides or [], interpolate=interpolate)), end="")
 
 
 @app.command()
@@ -187,11 +211,14 @@ def recipes():
 
 @app.command()
 def models():
-    """List the model families."""
+    """List the model families and the built-in random-weight tiny models (try any recipe on them)."""
     from longvid import registry
+    from longvid.models.specs import TINY_VARIANTS
 
     for family in registry.MODELS:
         out.print(f"{family:14s} {registry.model_spec(family).description}")
+        tiny = ", ".join(f"tiny:{v}" for v, f in TINY_VARIANTS.items() if f == family)
+        out.print(f"{'':14s} tiny models: {tiny}  (e.g. longvid generate --recipe <recipe> model.path=tiny:{family})")
 
 
 @app.command()
@@ -221,6 +248,22 @@ def doctor():
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def _shapes(recipe) -> dict[str, Any]:
+    """Latent shape and attention size of the output stage (the standard checkpoints' geometry), and the stages."""
+    from longvid import registry
+    from longvid.recipe.stages import plan_stages
+
+    spec = registry.model_spec(recipe.model.family)
+    v = recipe.video
+    f_lat = spec.latent_frames(v.num_frames)
+    h_lat, w_lat = v.height // spec.vae_spatial, v.width // spec.vae_spatial
+    p = spec.patch_spatial
+    stages = [{"name": s.name, "num_frames": s.num_frames, "height": s.height, "width": s.width,
+               "start_step": s.start_step, "steps": s.sampler.steps, "upsample": s.upsample} for s in plan_stages(recipe)]
+    return {"latent_shape": [1, spec.latent_channels, f_lat, h_lat, w_lat],
+            "tokens": f_lat * (h_lat // p) * (w_lat // p) if spec.name != "animatediff" else None, "stages": stages}
 
 
 def _shape_summary(recipe) -> str:

@@ -57,3 +57,10 @@ class OutOfMemoryError(LongvidError):
 
 class MethodError(LongvidError):
     """A method cannot run with this model or these settings."""
+
+
+class Stopped(LongvidError):
+    """SIGTERM/SIGUSR1 stopped a run that keeps no checkpoint; everything it had written was removed."""
+
+    exit_code = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+    label = "stopped"

@@ -15,6 +15,7 @@ checkpoint bit-identically.
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -32,8 +33,9 @@ from longvid.core.stages import handoff, renoise
 from longvid.errors import OutOfMemoryError, RecipeError, Problem
 from longvid.interrupts import StopRequests
 from longvid.io.checkpoint import Checkpoint, CheckpointStore, Checkpointed, checkpoint_dir, recipe_hash
-from longvid.io.paths import check_writable, output_path
-from longvid.io.sidecar import environment_info, sidecar_path, write_sidecar
+from longvid.io.paths import (OutputError, check_output_folder, check_writable, create_exclusive, output_path,
+                              partial_path, publish, remove_quietly, sweep_stale)
+from longvid.io.sidecar import environment_info, prepare_sidecar, sidecar_path
 from longvid.io.video import VideoWriter
 from longvid.methods.base import Method, applied
 from longvid.models.base import Conditioning, ModelAdapter, uses_cfg
@@ -254,39 +256,54 @@ def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progres
     timings: dict[str, Any] = {}
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
-    path = _output_file(recipe) if write else None  # fail on an existing file before loading
+    path = _output_file(recipe) if write else None  # every output problem is refused before loading
     store, resume = None, None
     if path is not None:
+        sweep_stale(path.parent)  # temporaries of runs killed with -9 (dead pids on this host only)
         store = CheckpointStore(checkpoint_dir(path), recipe_hash(to_dict(recipe)))
         if restart:
             store.discard()
         resume = store.load()  # another recipe's checkpoint is refused here, before any loading
-    own_adapter = adapter is None
-    if own_adapter:
+    if adapter is None:
         tick = time.perf_counter()
         adapter = load_adapter(recipe)
         timings["load_s"] = time.perf_counter() - tick
+        own_adapter = True
+    else:
+        own_adapter = False
     if adapter.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(adapter.device)
-    catching = store is not None and recipe.runtime.checkpoint != "off"
+    checkpointing = store is not None and recipe.runtime.checkpoint != "off"
+    writer = None
     try:
         adapter.check_run(recipe)
-        with StopRequests(enabled=catching) as stop:
-            steps = _Steps(recipe, progress, store if catching or resume is not None else None,
-                           stop if catching else None)
+        with StopRequests(enabled=path is not None, checkpoint=checkpointing) as stop:
+            steps = _Steps(recipe, progress, store if checkpointing or resume is not None else None,
+                           stop if checkpointing else None)
             latents = denoise_latents(adapter, recipe, timings=timings, steps=steps, resume=resume)
             tick = time.perf_counter()
             if path is not None:
-                _write_video(adapter, recipe, latents, path, progress, steps)
+                writer = _encode_video(adapter, recipe, latents, path, progress, steps)
             timings["decode_s"] = time.perf_counter() - tick
+            timings["total_s"] = time.perf_counter() - start
+            sidecar = _sidecar(recipe, path, latents, timings, adapter.device)
+            if path is not None:
+                _publish(writer, sidecar, recipe, latents)
+                store.discard()  # finished: the checkpoint has served its purpose
     except torch.OutOfMemoryError as err:
         v = recipe.video
         raise OutOfMemoryError(f"video.num_frames: out of memory at {v.num_frames} frames {v.width}x{v.height}; "
                                "use fewer frames or pixels, or set runtime.offload=model") from err
     finally:
+        if writer is not None and not writer._closed:
+            writer.abort()  # anything that stopped the run before publishing: no temporary video is left
         if own_adapter:
             adapter.close()
-    timings["total_s"] = time.perf_counter() - start
+    return Result(path, latents, sidecar)
+
+
+def _sidecar(recipe: Recipe, path: Path | None, latents: torch.Tensor, timings: dict[str, Any],
+             device: torch.device) -> dict[str, Any]:
     stages = timings.pop("stages", [])
     resumed = timings.pop("resumed_from", None)
     sidecar = {
@@ -297,49 +314,92 @@ def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progres
         "latent_shape": list(latents.shape),
         "stages": stages,
         "timings": {k: round(v, 4) for k, v in timings.items()},
-        "peak_memory": _peak_memory(adapter.device),
-        "environment": environment_info(adapter.device),
+        "peak_memory": _peak_memory(device),
+        "environment": environment_info(device),
     }
     if resumed is not None:
         sidecar["resumed_from"] = resumed
-    if path is not None:
-        write_sidecar(sidecar_path(path), sidecar, overwrite=recipe.output.overwrite)
-        if recipe.output.save_latents:
-            tmp = path.with_name(f".{path.stem}.latents.partial")
-            torch.save(latents.cpu(), tmp)
-            tmp.replace(path.with_suffix(".latents.pt"))
-        store.discard()  # finished: the checkpoint has served its purpose
-    return Result(path, latents, sidecar)
+    return sidecar
+
+
+def _publish(writer: VideoWriter, sidecar: dict[str, Any], recipe: Recipe, latents: torch.Tensor) -> None:
+    """Publish the finished video and its sidecar together, or neither: both are complete temporary files
+    first; if the sidecar cannot be published after the video was, the video is taken back (a video without
+    its sidecar would block every rerun)."""
+    path, overwrite = writer.path, recipe.output.overwrite
+    side_tmp = prepare_sidecar(sidecar_path(path), sidecar)
+    try:
+        writer.publish()
+        try:
+            publish(side_tmp, sidecar_path(path), overwrite=overwrite)
+        except BaseException:
+            remove_quietly(path)
+            raise
+    except OSError as err:
+        raise OutputError(f"output.dir: cannot publish {path.name} and its sidecar ({err.strerror or err}); "
+                          "nothing was kept") from err
+    finally:
+        remove_quietly(side_tmp)
+    if recipe.output.save_latents:
+        target = path.with_suffix(".latents.pt")
+        tmp = partial_path(target)
+        with os.fdopen(create_exclusive(tmp), "wb") as f:
+            torch.save(latents.cpu(), f)
+        publish(tmp, target, overwrite=overwrite)
 
 
 def _output_file(recipe: Recipe) -> Path:
-    """The output path, checked before any work: neither the video nor its sidecar may exist (unless
-    overwriting), since the sidecar is written last and a clash there would orphan a finished video."""
+    """The output path, checked before any work: the folder can be created and written and has room, the
+    name is not a folder, and neither the video nor its sidecar exists (unless overwriting)."""
     prompt = recipe.prompt if isinstance(recipe.prompt, str) else recipe.prompt[min(recipe.prompt, key=int)]
     ext = ".mkv" if recipe.output.codec == "ffv1" else ".mp4"
     path = output_path(recipe.output.dir, recipe.output.name, ext=ext, recipe=recipe.name or recipe.model.family,
                        prompt=prompt or "video", seed=recipe.seed, frames=recipe.video.num_frames,
                        width=recipe.video.width, height=recipe.video.height)
-    check_writable(path, recipe.output.overwrite)
-    check_writable(sidecar_path(path), recipe.output.overwrite)
+    check_output_folder(path.parent, need_bytes=_estimate_bytes(recipe))
+    for target in (path, sidecar_path(path)) + ((path.with_suffix(".latents.pt"),) if recipe.output.save_latents
+                                                  else ()):
+        check_writable(target, recipe.output.overwrite)
     return path
 
 
-def _write_video(adapter: ModelAdapter, recipe: Recipe, latents: torch.Tensor, path: Path,
-                 progress: Progress | None, steps: _Steps) -> None:
-    """Stream decoded chunks straight into the encoder: the whole video is never held in memory. A stop
-    request between chunks keeps the final latents as a checkpoint (the rerun only decodes)."""
+def _estimate_bytes(recipe: Recipe) -> int:
+    """A first, deliberately low estimate of what a run writes: the video (about 0.1 byte per pixel for x264/x265
+    at the usual quality, 1.5 for lossless FFV1) plus, when checkpointing, a few copies of the latents."""
+    v = recipe.video
+    pixels = v.num_frames * v.height * v.width
+    video = pixels * (1.5 if recipe.output.codec == "ffv1" else 0.1)
+    spec = registry.model_spec(recipe.model.family)
+    latents = spec.latent_channels * spec.latent_frames(v.num_frames) * (v.height // spec.vae_spatial) * (
+        v.width // spec.vae_spatial) * 4
+    return int(video + (4 * latents if recipe.runtime.checkpoint != "off" else 0))
+
+
+def _encode_video(adapter: ModelAdapter, recipe: Recipe, latents: torch.Tensor, path: Path,
+                  progress: Progress | None, steps: _Steps) -> VideoWriter:
+    """Stream decoded chunks straight into the encoder (the whole video is never held in memory) and return
+    the finished, not yet published writer. A stop request between chunks keeps the final latents as a
+    checkpoint (the rerun only decodes); any failure removes the temporary file."""
     out = recipe.output
     pix_fmt = "bgr0" if out.codec == "ffv1" else "yuv420p"
     done, total = 0, recipe.video.num_frames
-    with VideoWriter(path, fps=recipe.video.fps, codec=out.codec, crf=out.crf, preset=out.preset, pix_fmt=pix_fmt,
-                     overwrite=out.overwrite) as writer:
+    writer = VideoWriter(path, fps=recipe.video.fps, codec=out.codec, crf=out.crf, preset=out.preset,
+                         pix_fmt=pix_fmt, overwrite=out.overwrite, threads=out.threads)
+    try:
         for chunk in adapter.decode_stream(latents, recipe.runtime):  # (B, 3, f, H, W) in [-1, 1]
             steps.check_decode(latents)
             writer.write(chunk[0])
             done += chunk.shape[2]
             if progress:
                 progress("decode", min(done, total), total)
+        writer.finish()
+    except BaseException as err:
+        writer.abort()
+        if isinstance(err, OSError):
+            raise OutputError(f"output.dir: writing {path.name} failed ({err.strerror or err}); nothing was "
+                              "kept") from err
+        raise
+    return writer
 
 
 def _peak_memory(device: torch.device) -> dict[str, Any]:

@@ -122,10 +122,20 @@ def test_recipes_lists_every_builtin():
     assert "demo" in names
 
 
-def test_models_lists_the_families():
+def test_models_lists_the_families_and_their_tiny_models():
     result = invoke("models")
     assert result.exit_code == 0
-    assert [line.split()[0] for line in result.stdout.strip().splitlines()] == ["wan", "animatediff"]
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines if not line.startswith(" ")] == ["wan", "animatediff"]
+    tiny = [line.split("tiny models: ")[1].split("  ")[0] for line in lines if "tiny models:" in line]
+    assert tiny == ["tiny:wan, tiny:wan2.2-a14b, tiny:wan2.2-ti2v", "tiny:animatediff"]
+
+
+def test_version():
+    from longvid import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"longvid {__version__}"
 
 
 def test_methods_lists_the_registered_methods():
@@ -176,7 +186,7 @@ NO_PATH = "model: {family: wan}\n"
 
 BAD = {
     "unknown recipe": (["--recipe", "demoo"], "did you mean 'demo'?"),
-    "recipe name with brackets": (["--recipe", "x[red]y"], "no file 'x[red]y'"),
+    "recipe name with brackets": (["--recipe", "x[red]y"], "no built-in recipe 'x[red]y'"),
     "invalid yaml": (["--recipe", "{bad_yaml}"], "not valid YAML"),
     "missing model.path": (["--recipe", "{no_path}"], "model.path: required"),
     "unknown key": (["--recipe", "demo", "video.num_frame=33"], "did you mean 'num_frames'?"),
@@ -256,7 +266,7 @@ def test_generate_writes_mp4_and_sidecar_and_respects_overwrite(tmp_path):
 
     again = invoke(*args, "--quiet")
     assert again.exit_code == 2
-    assert again.stderr.strip() == f"error: {mp4} already exists; pass --overwrite to replace it"
+    assert again.stderr.strip() == f"error: {mp4} already exists; pass --overwrite (overwrite=True in Python) to replace it"
     assert (mp4.read_bytes(), side.read_text()) == before
 
     forced = invoke(*args, "--overwrite", "--json")

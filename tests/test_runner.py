@@ -208,7 +208,7 @@ def test_no_overwrite_without_overwrite_and_before_any_model_loads(tiny_wan_dir,
     monkeypatch.setattr(runner, "load_adapter", lambda r: loads.append(r) or pytest.fail("loaded a model"))
     with pytest.raises(OutputExistsError) as info:
         runner.generate(recipe)
-    assert str(info.value) == f"{tmp_path / 'clip.mp4'} already exists; pass --overwrite to replace it"
+    assert str(info.value) == f"{tmp_path / 'clip.mp4'} already exists; pass --overwrite (overwrite=True in Python) to replace it"
     assert loads == []
     assert (tmp_path / "clip.mp4").read_bytes() == b"precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]

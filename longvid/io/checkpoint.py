@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from longvid.errors import LongvidError
-from longvid.io.paths import fsync_file, remove_quietly
+from longvid.io.paths import create_exclusive, fsync_file, partial_path, remove_quietly, sweep_stale
 
 FORMAT = 1
 #: Exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (EX_TEMPFAIL: rerun it).
@@ -86,6 +86,7 @@ class CheckpointStore:
     def load(self) -> Checkpoint | None:
         """The checkpoint of this recipe, None when there is none; ``CheckpointError`` for another recipe's
         or an unreadable one (never silently ignored: it would be lost work or a wrong result)."""
+        sweep_stale(self.folder)  # temporaries of a writer killed mid-save
         if not self.exists():
             return None
         fix = "pass --restart to discard it (restart=True in Python)"
@@ -110,23 +111,18 @@ class CheckpointStore:
         """Write a checkpoint atomically (see the module docstring); ``data`` must be JSON-serialisable."""
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"state-{data.get('stage_index', 0)}-{data.get('step', 0):06d}-{uuid.uuid4().hex[:8]}.safetensors"
-        tmp = self.folder / f".{name}.partial"
         payload = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}  # no shared storage
         text = json.dumps({"longvid_checkpoint": FORMAT, "recipe_hash": self.key, **data, "tensors_file": name},
                           indent=1)
+        tmp, state_tmp = partial_path(self.folder / name), partial_path(self.state_file)
         try:
-            save_file(payload, str(tmp))
-            fsync_file(tmp)
+            _write_new(tmp, save(payload))
             os.replace(tmp, self.folder / name)
-            state_tmp = self.folder / f".state.json.{uuid.uuid4().hex[:8]}.partial"
-            try:
-                state_tmp.write_text(text, encoding="utf-8")
-                fsync_file(state_tmp)
-                os.replace(state_tmp, self.state_file)
-            finally:
-                remove_quietly(state_tmp)
+            _write_new(state_tmp, text.encode("utf-8"))
+            os.replace(state_tmp, self.state_file)
         finally:
             remove_quietly(tmp)
+            remove_quietly(state_tmp)
         for old in self.folder.glob("state-*.safetensors"):
             if old.name != name:
                 remove_quietly(old)
@@ -134,3 +130,10 @@ class CheckpointStore:
     def discard(self) -> None:
         """Remove the checkpoint folder (a finished run, or ``--restart``)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write ``data`` to a file created exclusively (no symlink followed) and flush it to disk."""
+    with os.fdopen(create_exclusive(path), "wb") as f:
+        f.write(data)
+    fsync_file(path)

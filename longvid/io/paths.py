@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import shutil
+import socket
 import string
 import unicodedata
 from datetime import datetime
 from pathlib import Path
 
-from longvid.errors import OutputExistsError
+from longvid.errors import LongvidError, OutputExistsError
+
+
+class OutputError(LongvidError):
+    """The output cannot be written where asked (not a folder, no permission, no room, an I/O failure)."""
 
 #: Fields a recipe's ``output.name`` template may use. Callers may pass extra ones to ``render_name``.
 TEMPLATE_FIELDS = ("recipe", "prompt", "seed", "frames", "width", "height", "date", "time", "index")
@@ -79,6 +86,46 @@ def check_template(template: str, known: tuple[str, ...] | list[str] = TEMPLATE_
             )
 
 
+#: The widest a single field may be formatted (``{seed:08d}`` is fine, ``{seed:099999d}`` is not).
+MAX_FIELD_WIDTH = 32
+#: Fields that only some commands fill in (``longvid batch`` numbers its items).
+BATCH_FIELDS = ("index",)
+_SAMPLE = {"recipe": "recipe", "prompt": "prompt", "seed": 0, "frames": 81, "width": 832, "height": 480,
+           "date": "2026-01-01", "time": "000000", "index": 0}
+_WIDTH = re.compile(r"^(?:.?[<>=^])?[+\- ]?z?#?0?(\d*)")
+
+
+def template_problems(template: str, allowed: tuple[str, ...] = TEMPLATE_FIELDS) -> list[str]:
+    """Everything wrong with a name template, checked before any work: syntax, unknown fields, fields with no
+    value in this command, format specs that cannot format their field, widths beyond :data:`MAX_FIELD_WIDTH`."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        return [f"invalid name template {template!r}: {err}; literal braces are written {{{{ and }}}}"]
+    problems = []
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if field not in _SAMPLE:
+            what = f"{{{field}}}" if field else "{} (a field needs a name)"
+            problems.append(f"unknown field {what}; known fields: "
+                            f"{', '.join('{' + k + '}' for k in TEMPLATE_FIELDS if k in allowed)}")
+            continue
+        if field not in allowed:
+            problems.append(f"{{{field}}} has a value only in `longvid batch`; remove it here")
+            continue
+        match = _WIDTH.match(spec or "")
+        width = match.group(1) if match else ""
+        if width and int(width) > MAX_FIELD_WIDTH:
+            problems.append(f"{{{field}:{spec}}} is {width} characters wide; at most {MAX_FIELD_WIDTH}")
+            continue
+        try:
+            _format_field(field, _SAMPLE, spec, conversion)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
+
+
 def render_name(template: str, **fields: object) -> str:
     """Fill a template such as ``"{recipe}_{prompt}_{seed}"`` and return a safe file name (no extension).
 
@@ -137,39 +184,106 @@ def _format_field(field: str, values: dict[str, object], spec: str | None, conve
 
 
 def output_path(out_dir: str | os.PathLike, template: str, ext: str = ".mp4", **fields: object) -> Path:
-    """Resolved path of a rendered name inside ``out_dir`` (created if missing).
+    """Resolved path of a rendered name inside ``out_dir``. Nothing is created: the folder appears only when
+    the first file is written, so a run that fails before that leaves no empty folder behind.
 
     The containment check after ``resolve()`` is a second line of defence behind ``slug``: it also
     catches a name that exists as a symlink pointing outside the folder.
     """
     if not re.fullmatch(r"\.[A-Za-z0-9]{1,8}", ext):
         raise ValueError(f"extension must look like '.mp4', got {ext!r}")
-    folder = Path(out_dir).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    root = folder.resolve()
+    root = Path(out_dir).expanduser().resolve()
     path = (root / (render_name(template, **fields) + ext)).resolve()
     if not path.is_relative_to(root) or path.parent != root:
         raise ValueError(f"output name {path.name!r} escapes the output folder {root}")
     return path
 
 
-def partial_path(final: str | os.PathLike) -> Path:
-    """Hidden temporary name next to ``final`` that keeps its suffix (ffmpeg picks the container by it).
+def check_output_folder(folder: str | os.PathLike, key: str = "output.dir", need_bytes: int = 0) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written, or lacks the room for
+    ``need_bytes`` (a first estimate of the outputs). Creates nothing."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():  # the nearest existing ancestor decides whether the folder can be made
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe == folder and not folder.is_dir():
+        raise OutputError(f"{key}: '{folder}' is a file, not a folder; choose another --out")
+    if not probe.is_dir():
+        raise OutputError(f"{key}: cannot create '{folder}': '{probe}' is not a folder; choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        verb = "write to" if probe == folder else "create a folder in"
+        raise OutputError(f"{key}: no permission to {verb} '{probe}'; choose another --out")
+    free = shutil.disk_usage(probe).free
+    if need_bytes and free < need_bytes:
+        raise OutputError(f"{key}: '{probe}' has {free / 2**20:.0f} MiB free but this run needs about "
+                          f"{need_bytes / 2**20:.0f} MiB (video and checkpoints); free some space or choose "
+                          "another --out")
 
-    ``out/cat.mp4`` -> ``out/.cat.mp4.<pid>.partial.mp4``; the pid keeps two processes writing the same
-    name (a re-queued SLURM task) from sharing a temporary file.
-    """
+
+#: ``.<final name>.<host>-<pid>-<random>.partial<suffix>``: whose temporary file it is, and unguessable.
+_PARTIAL = re.compile(r"^\.(?P<final>.+)\.(?P<host>[A-Za-z0-9_-]{1,20})-(?P<pid>\d+)-[0-9a-f]{16}\.partial"
+                      r"(?:\.[A-Za-z0-9]{1,8})?$")
+
+
+def _host() -> str:
+    return (re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host")[:20]
+
+
+def partial_path(final: str | os.PathLike) -> Path:
+    """A fresh, hidden, unpredictable temporary name next to ``final`` that keeps its suffix (ffmpeg picks the
+    container by it): ``out/cat.mp4`` -> ``out/.cat.mp4.<host>-<pid>-<16 hex>.partial.mp4``. The host and pid
+    let a later run prove the writer dead (:func:`sweep_stale`); the random part keeps a planted symlink out."""
     final = Path(final)
-    return final.with_name(f".{final.name}.{os.getpid()}.partial{final.suffix}")
+    return final.with_name(f".{final.name}.{_host()}-{os.getpid()}-{secrets.token_hex(8)}.partial{final.suffix}")
+
+
+def create_exclusive(path: str | os.PathLike) -> int:
+    """Create ``path`` for writing, failing if anything (a file, a symlink) is there; returns the descriptor."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    return os.open(path, flags, 0o644)
+
+
+def sweep_stale(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files in ``folder`` whose writer is provably dead: written on this host by a pid that
+    no longer runs (``kill -9`` leaves them; a live writer's, or another host's, are never touched)."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _PARTIAL.match(entry.name)
+        if match is None or match["host"] != _host() or _alive(int(match["pid"])):
+            continue
+        if entry.is_symlink() or entry.is_file():
+            remove_quietly(entry)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: exists, another user's
+        return True
+    return True
 
 
 def exists_error(path: str | os.PathLike) -> OutputExistsError:
     """The one-line error for an output that is already there."""
-    return OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+    return OutputExistsError(f"{path} already exists; pass --overwrite (overwrite=True in Python) to replace it")
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> None:
-    """Fail early (before any work) if ``path`` exists and ``overwrite`` is off."""
+    """Fail early (before any work) if ``path`` is a folder, or exists and ``overwrite`` is off."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise OutputError(f"output.name: '{path}' is a folder; choose another --name or --out")
     if not overwrite and os.path.lexists(path):
         raise exists_error(path)
 
@@ -188,7 +302,8 @@ def publish(tmp: str | os.PathLike, final: str | os.PathLike, *, overwrite: bool
 
     With ``overwrite`` this is ``os.replace``. Without it, ``os.link`` + unlink gives "create only if
     absent" atomically, so a file that appeared after the early check (another worker) is never
-    clobbered; file systems without hard links fall back to check-then-replace. The temporary file is
+    clobbered; file systems without hard links fall back to check-then-replace. Neither follows a symlink
+    at ``final``: ``link`` fails on it and ``replace`` replaces the link itself. The temporary file is
     removed in every case.
     """
     try:

@@ -21,7 +21,7 @@ import imageio_ffmpeg
 import torch
 
 import longvid
-from longvid.io.paths import check_writable, fsync_file, partial_path, publish, remove_quietly
+from longvid.io.paths import check_writable, create_exclusive, fsync_file, partial_path, publish, remove_quietly
 
 
 def sidecar_path(video_path: str | os.PathLike) -> Path:
@@ -128,17 +128,25 @@ def write_sidecar(path: str | os.PathLike, data: dict[str, Any], overwrite: bool
     """Write ``data`` as JSON at ``path`` atomically; ``OutputExistsError`` if it exists and not ``overwrite``."""
     path = Path(path)
     check_writable(path, overwrite)
+    publish(prepare_sidecar(path, data), path, overwrite=overwrite)
+    return path
+
+
+def prepare_sidecar(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write ``data`` to a fresh temporary file beside ``path`` (created exclusively, flushed) and return it,
+    for the caller to publish together with its video."""
+    path = Path(path)
     text = dumps(data)  # serialise first: a failure here leaves no file at all
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with os.fdopen(create_exclusive(tmp), "w", encoding="utf-8") as f:
+            f.write(text)
         fsync_file(tmp)
     except BaseException:
         remove_quietly(tmp)
         raise
-    publish(tmp, path, overwrite=overwrite)
-    return path
+    return tmp
 
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:

@@ -5,9 +5,13 @@ whole video. It drives ``imageio_ffmpeg.write_frames`` directly rather than ``di
 which needs the separate ``imageio`` package, keeps every frame in memory and truncates instead of
 rounding (notes §5).
 
-Output is all-or-nothing: frames go to a hidden temporary file in the target folder, which is renamed
-onto the final name only when the ``with`` block ends cleanly. An exception or Ctrl-C kills ffmpeg and
-deletes the temporary file, so no truncated video is left for a later "skip existing" run to trust.
+Output is all-or-nothing: frames go to a hidden temporary file in the target folder (created exclusively
+under an unpredictable name, so a planted symlink cannot redirect it), which is renamed onto the final name
+only when the ``with`` block ends cleanly (or, split in two, :meth:`VideoWriter.finish` then
+:meth:`VideoWriter.publish`, so a caller can publish the video together with its sidecar). An exception or
+Ctrl-C kills ffmpeg and deletes the temporary file, so no truncated video is left for a later "skip
+existing" run to trust. ffmpeg's thread count is fixed (``threads``), because x264's output depends on it:
+the same recipe gives the same file on a machine with any number of CPUs.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
-from longvid.io.paths import check_writable, fsync_file, partial_path, publish, remove_quietly
+from longvid.io.paths import check_writable, create_exclusive, fsync_file, partial_path, publish, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,7 @@ class VideoWriter:
         pix_fmt: str | None = None,
         preset: str = "medium",
         overwrite: bool = False,
+        threads: int = 4,
     ):
         self._closed = True  # until construction succeeds, so __del__ has nothing to clean up
         self.path = Path(path)
@@ -123,6 +128,8 @@ class VideoWriter:
         self.pix_fmt = pix_fmt or _DEFAULT_PIX_FMT.get(codec, "yuv420p")
         self.preset = preset
         self.overwrite = overwrite
+        self.threads = int(threads)
+        self.finished = False
         self.size: tuple[int, int] | None = None
         self.frames_written = 0
         self.tmp_path = partial_path(self.path)
@@ -131,7 +138,6 @@ class VideoWriter:
         if codec == LOSSLESS_CODEC and self.path.suffix.lower() != ".mkv":
             raise ValueError(f"codec {codec!r} needs a .mkv path, got {self.path.name}")
         check_writable(self.path, overwrite)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._closed = False
 
     # -- context manager -------------------------------------------------------------------------------
@@ -175,6 +181,8 @@ class VideoWriter:
             raise ValueError(f"chunk size {size} differs from the first chunk's {self.size} (width, height)")
 
     def _start(self, width: int, height: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(create_exclusive(self.tmp_path))  # ours, a regular file: ffmpeg then writes into it
         self._gen = imageio_ffmpeg.write_frames(
             str(self.tmp_path),
             size=(width, height),
@@ -191,7 +199,7 @@ class VideoWriter:
         self._proc = _popen_of(self._gen)
 
     def _output_params(self) -> list[str]:
-        params: list[str] = []
+        params: list[str] = ["-threads", str(self.threads)]
         if self.codec in _CRF_CODECS:
             params += ["-crf", str(int(self.crf)), "-preset", self.preset]
         if self.path.suffix.lower() in _FASTSTART_SUFFIXES:
@@ -204,7 +212,14 @@ class VideoWriter:
         """Finish encoding and publish the file under its final name (atomically)."""
         if self._closed:
             return
-        if self._gen is None:
+        self.finish()
+        self.publish()
+
+    def finish(self) -> None:
+        """Finish encoding into the temporary file (flushed to disk) without publishing it yet."""
+        if self.finished:
+            return
+        if self._closed or self._gen is None:
             self.abort()
             raise ValueError(f"no frames were written to {self.path}")
         try:
@@ -214,6 +229,12 @@ class VideoWriter:
         except BaseException:
             self.abort()
             raise
+        self.finished = True
+
+    def publish(self) -> None:
+        """Move the finished file onto its final name (``finish()`` first); the temporary file is gone after."""
+        if not self.finished:
+            raise RuntimeError(f"finish() the video before publishing {self.path}")
         self._closed = True
         publish(self.tmp_path, self.path, overwrite=self.overwrite)
 

@@ -27,6 +27,8 @@ class FamilySpec:
             checkpoints; Wan 2.2 TI2V-5B compresses 16x spatially with 48 channels).
         attention_kinds: the attention-site kinds the family's adapter exposes (``temporal``, ``spatial``,
             ``full``, ``cross``), so methods can say what they patch before anything loads.
+        scheduler: the diffusers scheduler class the family's checkpoints ship (``sampler.scheduler_config``
+            keys are checked against it when ``sampler.scheduler`` is unset).
     """
 
     name: str
@@ -41,6 +43,7 @@ class FamilySpec:
     latent_channels: int = 16
     patch_spatial: int = 1
     attention_kinds: tuple[str, ...] = ()
+    scheduler: str = ""
 
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames for ``num_frames`` video frames (Wan: (F-1)/4 + 1)."""
@@ -66,6 +69,7 @@ WAN = FamilySpec(
     native_frames=81,
     patch_spatial=2,
     attention_kinds=("full", "cross"),
+    scheduler="UniPCMultistepScheduler",
     defaults={
         "video": {"num_frames": 81, "height": 480, "width": 832, "fps": 16},
         "sampler": {"steps": 50, "guidance_scale": 5.0, "max_sequence_length": 512},
@@ -82,6 +86,7 @@ ANIMATEDIFF = FamilySpec(
     cuda_dtype="float16",
     latent_channels=4,
     attention_kinds=("temporal", "spatial", "cross"),
+    scheduler="DDIMScheduler",
     defaults={
         "video": {"num_frames": 16, "height": 512, "width": 512, "fps": 8},
         # AnimateDiff's documented sampler: DDIM with linear betas, linspace spacing, no sample clipping.

@@ -27,17 +27,37 @@ def builtin_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(root.rglob("*.yaml"))}
 
 
+#: Suffixes that make a ``--recipe`` argument a path, never a built-in name.
+PATH_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def looks_like_path(ref: str) -> bool:
+    """A path separator, a recipe file suffix, or an existing folder: the user means a file, not a name."""
+    return ("/" in ref or "\\" in ref or ref.startswith("~") or ref.lower().endswith(PATH_SUFFIXES)
+            or Path(ref).expanduser().is_dir())
+
+
 def find_recipe(ref: str) -> Path:
-    """Resolve a ``--recipe`` argument to a file, or raise a one-line ``RecipeError``."""
+    """Resolve a ``--recipe`` argument to a file, or raise a one-line ``RecipeError``.
+
+    A built-in name (``freelong-128``) finds the built-in recipe; anything that looks like a path must exist
+    as a file, so a mistyped path never silently runs the built-in recipe of the same name.
+    """
     path = Path(ref).expanduser()
-    if path.is_file():
-        return path
     builtins = builtin_recipes()
-    name = path.name.removesuffix(".yaml").removesuffix(".yml")
-    if name in builtins:
-        return builtins[name]
-    raise RecipeError([Problem("recipe", f"no file '{ref}' and no built-in recipe '{name}'"
-                                         f"{registry.suggest(name, builtins)}; see `longvid recipes`")])
+    if looks_like_path(ref):
+        if path.is_file():
+            return path
+        what = "is a folder, not a recipe file" if path.is_dir() else "does not exist"
+        stem = path.name.removesuffix(".yaml").removesuffix(".yml").removesuffix(".json")
+        hint = f"; the built-in recipe is --recipe {stem}" if stem in builtins and not path.is_dir() else ""
+        raise RecipeError([Problem("recipe", f"'{ref}' {what}{hint}")])
+    if path.is_file():  # an existing file wins over a built-in of the same name
+        return path
+    if ref in builtins:
+        return builtins[ref]
+    raise RecipeError([Problem("recipe", f"no built-in recipe '{ref}'{registry.suggest(ref, builtins)} and no file "
+                                         f"of that name; see `longvid recipes`")])
 
 
 def recipe_header(path: Path) -> str:

@@ -34,18 +34,29 @@ def resolve(
     recipe: str | Path | Mapping | None = None,
     overrides: Iterable[str] = (),
     options: Mapping[str, Any] | None = None,
+    *,
+    interpolate: bool = False,
 ) -> Recipe:
     """Return the validated :class:`Recipe`; raise one :class:`RecipeError` listing every problem.
 
     Args:
-        recipe: a built-in recipe name, a YAML path, an already-loaded mapping, or None (schema only).
+        recipe: a built-in recipe name, a YAML path, a sidecar JSON, an already-loaded mapping, or None.
         overrides: ``key=value`` strings, applied last, one at a time.
         options: typed values from the CLI or API, by dotted key (``{"prompt": ..., "seed": 7}``).
+        interpolate: evaluate OmegaConf interpolations (``${oc.env:HOME}``, ``${video.width}``) in recipe
+            values (``--interpolate``). Off, one is refused. Free text (prompts, names) is never evaluated.
     """
     problems: list[Problem] = []
     source, data = _load(recipe)
     options = {k: v for k, v in (options or {}).items() if v is not None}
     parsed = _parse_overrides(overrides, problems)
+    # Free text never goes through OmegaConf (which would evaluate "${...}" in it): set after structuring.
+    text = {key: data.pop(key) for key in list(data) if key in _TEXT_KEYS}
+    text.update({key: options.pop(key) for key in list(options) if key in _TEXT_KEYS})
+    interpolations = [] if interpolate else (
+        _interpolations(data, "") + [p for k, v in options.items() for p in _interpolations(v, k)]
+        + [p for label, tree in parsed for p in _interpolations(tree, "", label)])
+    problems += interpolations
 
     family = _pick_family(data, options, parsed)
     cfg = OmegaConf.structured(Recipe)
@@ -66,10 +77,19 @@ def resolve(
         hint = "one of " + ", ".join(registry.MODELS) if key == "model.family" else \
             "a hub id, a local directory, or tiny:<family>"
         problems.append(Problem(key, f"required: set {hint}"))
-    if missing:
+    if missing or interpolations:  # an unevaluated interpolation cannot be structured: stop here
         raise RecipeError(problems, source)
 
-    result: Recipe = OmegaConf.to_object(cfg)
+    try:
+        result: Recipe = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:  # an opted-in interpolation that does not resolve
+        raise RecipeError(problems + [Problem("", f"cannot evaluate an interpolation: {_msg(err)}")], source) from None
+    for key, value in text.items():
+        problem = _text_problem(key, value)
+        if problem is None:
+            setattr(result, key, "" if value is None else value)
+        else:
+            problems.append(problem)
     if not result.name and isinstance(recipe, (str, Path)):
         result.name = Path(str(recipe)).stem
     result.methods = _resolve_methods(result.methods, problems)
@@ -94,6 +114,10 @@ def to_yaml(recipe: Recipe) -> str:
 # --------------------------------------------------------------------------------------------- loading
 
 
+#: Sidecar keys that place the output: a sidecar regenerates content; where it goes is the command line's.
+_PLACEMENT = ("dir", "name", "overwrite")
+
+
 def _load(recipe) -> tuple[str, dict]:
     if recipe is None:
         return "", {}
@@ -102,14 +126,55 @@ def _load(recipe) -> tuple[str, dict]:
     path = find_recipe(str(recipe))
     try:
         loaded = OmegaConf.load(path)  # a yaml.SafeLoader subclass: no arbitrary objects
-    except Exception as err:  # yaml.YAMLError and friends; keep the line/column yaml reports
-        raise RecipeError([Problem("", f"not valid YAML: {' '.join(str(err).split())}")], str(path)) from err
+    except Exception as err:  # yaml.YAMLError, UnicodeDecodeError, ...; keep the line/column yaml reports
+        what = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise RecipeError([Problem("", f"not valid {what}: {' '.join(str(err).split())[:300]}")], str(path)) from None
     if not isinstance(loaded, DictConfig):
         raise RecipeError([Problem("", "a recipe must be a YAML mapping of keys to values")], str(path))
     data = OmegaConf.to_container(loaded, resolve=False)
     if "longvid_sidecar" in data:  # a video's JSON sidecar: regenerate exactly what it records
-        data = data["recipe"]
+        return str(path), _sidecar_recipe(data, str(path))
+    if path.suffix.lower() == ".json":
+        raise RecipeError([Problem("", "not a longvid sidecar (no longvid_sidecar key); recipes are YAML files")],
+                          str(path))
     return str(path), data
+
+
+def _sidecar_recipe(data: dict, source: str) -> dict:
+    """The recipe a sidecar records, without its output placement (``output.dir/name/overwrite``): those come
+    from the command line, so a shared sidecar can neither overwrite the original video nor aim elsewhere."""
+    recipe = data.get("recipe")
+    if data.get("longvid_sidecar") != 1 or not isinstance(recipe, dict):
+        raise RecipeError([Problem("recipe", "this sidecar holds no recipe mapping (longvid_sidecar: 1 and a "
+                                             "recipe: {...} are needed); regenerate it with longvid")], source)
+    recipe = dict(recipe)
+    if isinstance(recipe.get("output"), dict):
+        recipe["output"] = {k: v for k, v in recipe["output"].items() if k not in _PLACEMENT}
+    return recipe
+
+
+def _interpolations(tree: Any, prefix: str, label: str = "") -> list[Problem]:
+    """A problem for every string holding an OmegaConf interpolation (``${...}``) in a recipe tree."""
+    if isinstance(tree, Mapping):
+        return [p for k, v in tree.items() for p in _interpolations(v, f"{prefix}.{k}" if prefix else str(k), label)]
+    if isinstance(tree, (list, tuple)):
+        return [p for i, v in enumerate(tree) for p in _interpolations(v, f"{prefix}[{i}]", label)]
+    if isinstance(tree, str) and "${" in tree:
+        where = f" ({label})" if label else ""
+        return [Problem(prefix, f"{tree!r} is an interpolation, which recipes do not evaluate{where}; write the "
+                                f"value itself, or pass --interpolate to evaluate it")]
+    return []
+
+
+def _text_problem(key: str, value: Any) -> Problem | None:
+    """Free text must be text (a multi-prompt mapping for ``prompt``): YAML turns ``007`` into 7, ``no`` into
+    False and an empty value into null, so those are refused with how to write them."""
+    if value is None or isinstance(value, str):
+        return None
+    if key == "prompt" and isinstance(value, Mapping):
+        return None  # {frame: prompt}; validate() checks keys and values
+    return Problem(key, f"expected text, got {type(value).__name__} {value!r}; quote it in YAML "
+                        f"('{key}: \"...\"') or use the command-line option")
 
 
 def _parse_overrides(overrides: Iterable[str], problems: list[Problem]) -> list[tuple[str, dict]]:
@@ -120,6 +185,10 @@ def _parse_overrides(overrides: Iterable[str], problems: list[Problem]) -> list[
         key = key.strip()
         if not sep or not key:
             problems.append(Problem(label, "expected key=value, e.g. video.num_frames=81"))
+            continue
+        if key == "output.name":
+            problems.append(Problem(key, "a name template cannot be set with key=value (YAML reads {x} as a "
+                                         "mapping); use --name"))
             continue
         if key.split(".")[0] in _TEXT_KEYS:
             flag = {"negative_prompt": "--negative-prompt", "name": "--name"}.get(key, "--prompt / --prompt-at")

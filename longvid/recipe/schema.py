@@ -94,6 +94,9 @@ class RuntimeConfig:
     command resumes from ``<output dir>/.<name>.ckpt/``, bit-identically."""
     checkpoint_every: int = 10
     """Steps between checkpoints with ``checkpoint: every_n``."""
+    limits: bool = True
+    """Refuse values that would exhaust memory or time (more than 2049 frames, sides above 4096 px, more
+    than 1000 steps, ...; see docs/recipes.md). false lifts them."""
 
 
 @dataclass
@@ -110,6 +113,9 @@ class OutputConfig:
     """Constant rate factor (lower = better, 0-51) for libx264/libx265."""
     preset: str = "medium"
     """x264/x265 speed preset."""
+    threads: int = 4
+    """Encoder threads. Fixed (not "all CPUs") because x264's output depends on it: the same recipe gives the
+    same file on any machine."""
     overwrite: bool = False
     """Replace an existing file of the same name (else it is an error)."""
     save_latents: bool = False

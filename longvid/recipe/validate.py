@@ -17,7 +17,13 @@ def validate(recipe: Recipe) -> list[Problem]:
         return [Problem("model.family", f"unknown model family '{family}'{registry.suggest(family, registry.MODELS)}; "
                                         f"known: {', '.join(registry.MODELS)}")]
     spec = registry.model_spec(family)
+    required = _check_required(recipe)
+    if required:  # the rules below need these numbers
+        return required + _check_model(recipe)
     problems += _check_model(recipe)
+    problems += _check_limits(recipe)
+    problems += _check_output(recipe)
+    problems += _check_schedulers(recipe, spec)
     problems += _check_video(recipe, spec)
     problems += _check_ranges(recipe)
     problems += _check_prompt(recipe)
@@ -26,10 +32,121 @@ def validate(recipe: Recipe) -> list[Problem]:
     return problems
 
 
+#: Keys the model family fills in; ``null`` in a recipe removes the family's value, which leaves nothing to run.
+_REQUIRED = ("video.num_frames", "video.height", "video.width", "video.fps", "sampler.steps",
+             "sampler.guidance_scale", "sampler.max_sequence_length")
+
+#: Upper bounds of values that would exhaust memory or time, with the reason (``runtime.limits=false`` lifts them).
+LIMITS = {
+    "video.num_frames": (2049, "frames: 8x Wan's native length and more"),
+    "video.height": (4096, "pixels: above 4K"),
+    "video.width": (4096, "pixels: above 4K"),
+    "video.fps": (240, "frames per second"),
+    "sampler.steps": (1000, "steps: the length of the training schedule"),
+    "sampler.max_sequence_length": (4096, "text tokens"),
+    "runtime.decode_chunk": (1024, "frames per decode batch"),
+    "runtime.threads": (1024, "threads"),
+}
+#: The generator's seed range: torch.Generator.manual_seed takes a 64-bit unsigned integer.
+MAX_SEED = 2**64 - 1
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                "placebo")
+
+
+def _check_required(recipe: Recipe) -> list[Problem]:
+    problems = []
+    for key in _REQUIRED:
+        section, name = key.split(".")
+        if getattr(getattr(recipe, section), name) is None:
+            problems.append(Problem(key, "must be set (null removes the model family's value); give a number"))
+    return problems
+
+
+def _check_limits(recipe: Recipe) -> list[Problem]:
+    problems = []
+    if recipe.seed > MAX_SEED:
+        problems.append(Problem("seed", f"must be at most 2**64-1 = {MAX_SEED} (the generator's range), got "
+                                        f"{recipe.seed}"))
+    if not recipe.runtime.limits:
+        return problems
+    values = {key: getattr(getattr(recipe, key.split(".")[0]), key.split(".")[1]) for key in LIMITS}
+    for name, stage in recipe.stages.items():
+        values.update({f"stages.{name}.height": stage.height, f"stages.{name}.width": stage.width,
+                       f"stages.{name}.num_frames": stage.num_frames,
+                       f"stages.{name}.sampler.steps": stage.sampler.steps})
+    for key, value in values.items():
+        limit, what = LIMITS[key] if key in LIMITS else LIMITS[_generic(key)]
+        if value is not None and value > limit:
+            problems.append(Problem(key, f"{value} is above longvid's limit of {limit} {what}; set "
+                                         f"runtime.limits=false to allow it"))
+    return problems
+
+
+def _generic(stage_key: str) -> str:
+    """``stages.refine.sampler.steps`` -> ``sampler.steps``; ``stages.refine.height`` -> ``video.height``."""
+    rest = stage_key.split(".", 2)[2]
+    return rest if rest.startswith("sampler.") else f"video.{rest}"
+
+
+def _check_output(recipe: Recipe) -> list[Problem]:
+    from longvid.io.paths import BATCH_FIELDS, TEMPLATE_FIELDS, template_problems
+
+    out = recipe.output
+    problems = []
+    if not out.dir.strip():
+        problems.append(Problem("output.dir", "must name a folder (use . for the current one)"))
+    if not out.name.strip():
+        problems.append(Problem("output.name", "must not be empty; e.g. {recipe}-{prompt}-{seed}"))
+    allowed = tuple(f for f in TEMPLATE_FIELDS if f not in BATCH_FIELDS)
+    problems += [Problem("output.name", message) for message in template_problems(out.name, allowed)]
+    if out.codec != "ffv1" and out.preset not in X264_PRESETS:
+        problems.append(Problem("output.preset", f"unknown {out.codec} preset '{out.preset}'"
+                                                 f"{registry.suggest(out.preset, X264_PRESETS)}; one of "
+                                                 f"{', '.join(X264_PRESETS)}"))
+    return problems
+
+
+def _check_schedulers(recipe: Recipe, spec) -> list[Problem]:
+    """``sampler.scheduler`` names a diffusers scheduler class and ``scheduler_config`` / ``flow_shift`` only
+    change settings it has (diffusers would silently ignore an unknown one)."""
+    from longvid.recipe.schedulers import scheduler_modules, scheduler_settings
+
+    known = scheduler_modules()
+    if not known:  # diffusers is not installed here: nothing to check against (show/validate still work)
+        return []
+    samplers = [("sampler", recipe.sampler, recipe.sampler)]
+    samplers += [(f"stages.{n}.sampler", st.sampler, _stage_sampler(recipe, st)) for n, st in recipe.stages.items()]
+    problems = []
+    for prefix, own, effective in samplers:
+        if own.scheduler is not None and own.scheduler not in known:
+            problems.append(Problem(f"{prefix}.scheduler", f"'{own.scheduler}' is not a diffusers scheduler"
+                                                           f"{registry.suggest(own.scheduler, known)}"))
+            continue
+        settings = scheduler_settings(effective.scheduler or spec.scheduler)
+        if settings is None:
+            continue
+        name = effective.scheduler or spec.scheduler
+        for key in sorted(own.scheduler_config or {}):
+            if key not in settings:
+                problems.append(Problem(f"{prefix}.scheduler_config.{key}", f"{name} has no setting '{key}'"
+                                                                            f"{registry.suggest(key, settings)}"))
+        if own.flow_shift is not None and "flow_shift" not in settings:
+            problems.append(Problem(f"{prefix}.flow_shift", f"{name} has no flow shift (a flow-matching setting)"))
+    return problems
+
+
+def _stage_sampler(recipe: Recipe, stage):
+    from longvid.recipe.stages import stage_sampler
+
+    return stage_sampler(recipe.sampler, stage)
+
+
 def _check_model(recipe: Recipe) -> list[Problem]:
     from longvid.models.specs import TINY_VARIANTS
 
     path, family = recipe.model.path, recipe.model.family
+    if not path.strip():
+        return [Problem("model.path", "must not be empty; a hub id, a local folder or tiny:<family>")]
     if not path.startswith("tiny:"):
         return []
     variant = path.removeprefix("tiny:")
@@ -96,10 +213,14 @@ def _check_ranges(recipe: Recipe) -> list[Problem]:
         problems.append(Problem("runtime.checkpoint_every", f"must be at least 1, got {recipe.runtime.checkpoint_every}"))
     if not 0 <= recipe.output.crf <= 51:
         problems.append(Problem("output.crf", f"must be in [0, 51] (lower = better), got {recipe.output.crf}"))
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", recipe.runtime.device):
-        problems.append(Problem("runtime.device", f"expected auto, cpu, cuda or cuda:N, got '{recipe.runtime.device}'"))
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", recipe.runtime.device):
+        problems.append(Problem("runtime.device", f"expected auto, cpu, cuda or cuda:N, got '{recipe.runtime.device}'"
+                                                  + (" (Apple GPUs are not supported)" if "mps" in
+                                                     recipe.runtime.device else "")))
     if recipe.runtime.threads is not None and recipe.runtime.threads < 1:
         problems.append(Problem("runtime.threads", f"must be at least 1, got {recipe.runtime.threads}"))
+    if not 1 <= recipe.output.threads <= 64:
+        problems.append(Problem("output.threads", f"must be in [1, 64], got {recipe.output.threads}"))
     if recipe.runtime.decode_chunk < 1:
         problems.append(Problem("runtime.decode_chunk", f"must be at least 1, got {recipe.runtime.decode_chunk}"))
     if recipe.seed < 0:

@@ -80,8 +80,8 @@ def test_hostile_prompts_give_safe_names_inside_the_folder(tmp_path, prompt):
     assert path.parent == out.resolve()
     assert path.suffix == ".mp4"
     assert_safe_name(path.stem)
-    assert len(path.name.encode("utf-8")) < 255 - 40  # room for the temporary name
-    assert list(tmp_path.iterdir()) == [out]  # nothing was created outside out/
+    assert len(partial_path(path).name.encode("utf-8")) < 255  # the temporary name fits too
+    assert list(tmp_path.iterdir()) == []  # nothing was created: the folder appears with the first file
 
 
 @pytest.mark.parametrize("template", ["../{prompt}", "/abs/{prompt}", "a/b\\{seed}", "{prompt}/..", "..", ""])
@@ -138,7 +138,7 @@ def test_check_template_for_recipe_validation():
 def test_output_path_creates_folder_and_rejects_bad_extension(tmp_path):
     out = tmp_path / "a" / "b"
     path = output_path(out, "{prompt}", ext=".json", prompt="x")
-    assert out.is_dir() and path == out.resolve() / "x.json"
+    assert not out.exists() and path == out.resolve() / "x.json"
     for ext in ("mp4", "./mp4", ".m/p4", ""):
         with pytest.raises(ValueError, match="extension"):
             output_path(out, "{prompt}", ext=ext, prompt="x")
@@ -152,10 +152,15 @@ def test_symlink_pointing_outside_is_refused(tmp_path):
         output_path(out, "{prompt}", prompt="evil")
 
 
-def test_partial_path_is_hidden_keeps_suffix_and_pid(tmp_path):
+def test_partial_path_is_hidden_keeps_suffix_names_its_writer_and_is_unpredictable(tmp_path):
+    import re
+    import socket
+
     tmp = partial_path(tmp_path / "cat.mp4")
     assert tmp.parent == tmp_path
-    assert tmp.name == f".cat.mp4.{os.getpid()}.partial.mp4"
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:20]
+    assert re.fullmatch(rf"\.cat\.mp4\.{re.escape(host)}-{os.getpid()}-[0-9a-f]{{16}}\.partial\.mp4", tmp.name)
+    assert partial_path(tmp_path / "cat.mp4") != tmp  # a fresh random part every time
 
 
 def test_publish_without_overwrite_never_clobbers(tmp_path):

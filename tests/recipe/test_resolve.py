@@ -189,7 +189,7 @@ def test_wan_frame_rule(frames, ok):
 def test_unknown_recipe_name_suggests_the_closest():
     err = _error("demoo")
     assert [p.key for p in err.problems] == ["recipe"]
-    assert str(err) == ("recipe: no file 'demoo' and no built-in recipe 'demoo' (did you mean 'demo'?); "
+    assert str(err) == ("recipe: no built-in recipe 'demoo' (did you mean 'demo'?) and no file of that name; "
                         "see `longvid recipes`")
 
 
@@ -212,13 +212,24 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
 # -------------------------------------------------------------------------------------- recipe lookup
 
 
-def test_builtin_recipe_by_name_with_extension_or_path():
+def test_builtin_recipe_by_name_or_path():
     demo = builtin_dir() / "demo.yaml"
     assert find_recipe("demo") == demo
-    assert find_recipe("demo.yaml") == demo
-    by_name, by_ext, by_path = resolve("demo"), resolve("demo.yaml"), resolve(str(demo))
-    assert by_name == by_ext == by_path
+    by_name, by_path = resolve("demo"), resolve(str(demo))
+    assert by_name == by_path
     assert (by_name.name, by_name.model.path, by_name.video.num_frames) == ("demo", "tiny:wan", 17)
+
+
+@pytest.mark.parametrize("ref", ["demo.yaml", "/no/such/dir/demo.yaml", "./demo", "configs/demo.yml", "demo.json"])
+def test_a_path_never_falls_back_to_the_builtin_of_the_same_name(ref, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = _error(ref)
+    assert str(err) == f"recipe: '{ref}' does not exist; the built-in recipe is --recipe demo"
+
+
+def test_a_folder_is_not_a_recipe(tmp_path):
+    (tmp_path / "demo").mkdir()
+    assert str(_error(str(tmp_path / "demo"))) == f"recipe: '{tmp_path / 'demo'}' is a folder, not a recipe file"
 
 
 def test_existing_path_wins_over_builtin_of_the_same_name(tmp_path, monkeypatch):
