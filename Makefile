@@ -21,6 +21,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench/freenoise.py
 	$(BIN)/python scripts/bench/freelong.py
+	$(BIN)/python scripts/bench/engine.py
 
 clean:
 	rm -rf outputs build *.egg-info

@@ -16,11 +16,37 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.markup import escape
 
 from longvid.errors import LongvidError, Problem, RecipeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _OneLineErrors(TyperGroup):
+    """Command-line usage errors (a bad ``--seed``, an unknown option or command) as one ``error:`` line with
+    exit code 2, like every other bad input, instead of Click's usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except typer.exceptions.TyperException as e:  # Click's usage errors (typer vendors Click)
+            if not standalone_mode:
+                raise
+            message = " ".join((e.format_message() if hasattr(e, "format_message") else str(e)).split())
+            if message:  # (no arguments at all: the help was printed)
+                err.print(f"error: {message}")
+            sys.exit(getattr(e, "exit_code", 2))
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            err.print("interrupted; no partial output was kept")
+            sys.exit(130)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Long and high-resolution video generation with existing video diffusion models.")
 
 

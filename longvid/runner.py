@@ -166,6 +166,24 @@ def _run_stage(adapter: ModelAdapter, recipe: Recipe, plan: StagePlan, plans: li
     return x
 
 
+def _check_schedulers(adapter: ModelAdapter, recipe: Recipe) -> None:
+    """Build every stage's scheduler from the loaded model's config before any work: a scheduler that cannot
+    take this model's schedule (a flow model with an epsilon-only scheduler, a bad setting) is one line."""
+    for plan in plan_stages(recipe):
+        key = f"stages.{plan.name}.sampler" if recipe.stages else "sampler"
+        try:
+            scheduler = adapter.make_scheduler(plan.sampler)  # a throwaway: the run builds its own
+            timesteps = set_timesteps(scheduler, plan.sampler.steps, adapter.device)
+            probe = torch.zeros(1, 1, 1, 1, 1, device=adapter.device)
+            scheduler.step(probe, timesteps[0], probe, **adapter.step_kwargs(
+                scheduler, torch.Generator("cpu").manual_seed(0), plan.sampler), return_dict=False)
+        except Exception as err:  # diffusers raises ValueError, TypeError, ZeroDivisionError, ...
+            name = plan.sampler.scheduler or type(adapter.pipe.scheduler).__name__
+            first = " ".join(str(err).split())[:200] or type(err).__name__
+            raise RecipeError([Problem(f"{key}.scheduler", f"{name} cannot run this model's schedule ({first}); "
+                                                          "choose another scheduler or settings")]) from None
+
+
 def _check_checkpointable(scheduler, plan: StagePlan) -> None:
     try:
         scheduler_state(scheduler)
@@ -277,6 +295,7 @@ def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progres
     writer = None
     try:
         adapter.check_run(recipe)
+        _check_schedulers(adapter, recipe)
         with StopRequests(enabled=path is not None, checkpoint=checkpointing) as stop:
             steps = _Steps(recipe, progress, store if checkpointing or resume is not None else None,
                            stop if checkpointing else None)

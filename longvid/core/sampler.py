@@ -76,7 +76,8 @@ def run_stage(job: StageJob) -> torch.Tensor:
     for i in range(first, len(job.timesteps)):
         t = job.timesteps[i]
         ctx.step, ctx.timestep = i, float(t)
-        model_in = scheduler.scale_model_input(x, t)  # identity for flow-matching schedulers
+        # identity for flow-matching schedulers (FlowMatchEuler has no such method at all)
+        model_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         prediction = job.denoise(model_in, t, job.cond)
         x = scheduler.step(prediction, t, x, **job.step_kwargs, return_dict=False)[0]
         if job.on_step is not None:

@@ -339,9 +339,14 @@ def from_pretrained(cls, path: str, *, key: str, **kwargs):
     try:
         return cls.from_pretrained(str(local) if local.exists() else path, **kwargs)
     except (OSError, ValueError) as err:
+        first = " ".join(str(err).split()) or type(err).__name__
+        if len(first) > 200:  # cut at a word, never mid-word
+            first = first[:200].rsplit(" ", 1)[0] + " ..."
+        if local.exists():  # a local folder: downloading is not the fix
+            raise ModelLoadError(f"{key}: cannot load the folder '{path}' ({first}); check that it holds a complete "
+                                 "diffusers model (save_pretrained output or a hub snapshot)") from err
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or kwargs.get("local_files_only")
         how = ("it is not in the local Hugging Face cache and the hub is offline; download it with "
                f"`hf download {path}` on a machine with internet, or set {key} to a local folder") if offline else \
               f"download it with `hf download {path}` or set {key} to a local folder"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"{key}: cannot load '{path}' ({first[:160]}); {how}") from err
+        raise ModelLoadError(f"{key}: cannot load '{path}' ({first}); {how}") from err

@@ -45,8 +45,8 @@ def scheduler_modules() -> dict[str, str]:
 
 
 @lru_cache(maxsize=64)
-def scheduler_settings(name: str) -> frozenset[str] | None:
-    """The ``__init__`` parameter names of scheduler class ``name`` (its config keys), or None if unknown."""
+def _methods(name: str) -> dict[str, frozenset[str]] | None:
+    """``{method name: parameter names}`` of scheduler class ``name``, from its source; None if not found."""
     module = scheduler_modules().get(name)
     folder = _schedulers_dir()
     if module is None or folder is None:
@@ -56,8 +56,31 @@ def scheduler_settings(name: str) -> frozenset[str] | None:
         return None
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ClassDef) and node.name == name:
+            found = {}
             for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                if isinstance(item, ast.FunctionDef):
                     args = item.args
-                    return frozenset(a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)) - {"self"}
+                    found[item.name] = frozenset(a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs))
+            return found
     return None
+
+
+def scheduler_settings(name: str) -> frozenset[str] | None:
+    """The ``__init__`` parameter names of scheduler class ``name`` (its config keys), or None if unknown."""
+    methods = _methods(name)
+    if methods is None or "__init__" not in methods:
+        return None
+    return methods["__init__"] - {"self"}
+
+
+def drivable(name: str) -> bool | None:
+    """Whether longvid's loop can drive scheduler ``name``: ``set_timesteps(steps, device=...)`` and
+    ``step(model_output, timestep, sample, ...)``, as every sampling scheduler of diffusers has (samplers with
+    another protocol, such as Karras VE or aMUSEd's masked tokens, do not). None when the source is not found."""
+    if scheduler_modules().get(name) == "deprecated":
+        return False  # Karras VE, score SDE VP: not samplers of the modern step protocol
+    methods = _methods(name)
+    if methods is None:
+        return None
+    step, set_timesteps = methods.get("step"), methods.get("set_timesteps")
+    return bool(step and {"model_output", "timestep", "sample"} <= step and set_timesteps)

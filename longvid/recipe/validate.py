@@ -109,7 +109,7 @@ def _check_output(recipe: Recipe) -> list[Problem]:
 def _check_schedulers(recipe: Recipe, spec) -> list[Problem]:
     """``sampler.scheduler`` names a diffusers scheduler class and ``scheduler_config`` / ``flow_shift`` only
     change settings it has (diffusers would silently ignore an unknown one)."""
-    from longvid.recipe.schedulers import scheduler_modules, scheduler_settings
+    from longvid.recipe.schedulers import drivable, scheduler_modules, scheduler_settings
 
     known = scheduler_modules()
     if not known:  # diffusers is not installed here: nothing to check against (show/validate still work)
@@ -121,6 +121,11 @@ def _check_schedulers(recipe: Recipe, spec) -> list[Problem]:
         if own.scheduler is not None and own.scheduler not in known:
             problems.append(Problem(f"{prefix}.scheduler", f"'{own.scheduler}' is not a diffusers scheduler"
                                                            f"{registry.suggest(own.scheduler, known)}"))
+            continue
+        if own.scheduler is not None and drivable(own.scheduler) is False:
+            problems.append(Problem(f"{prefix}.scheduler", f"{own.scheduler} is not a step-by-step sampling "
+                                                           "scheduler (it has no step(model_output, timestep, "
+                                                           "sample)); choose another"))
             continue
         settings = scheduler_settings(effective.scheduler or spec.scheduler)
         if settings is None:

@@ -233,3 +233,14 @@ def test_methods_scoped_to_a_stage_run_only_there(tmp_path):
     assert OpAttnProcessor not in after
     assert result.sidecar["stages"][0]["methods"] == ["freenoise"]
     assert result.sidecar["stages"][1]["methods"] == ["freelong", "freenoise"]
+
+
+def test_flow_match_euler_without_scale_model_input_runs_two_stages(tmp_path):
+    """FlowMatchEulerDiscreteScheduler has no scale_model_input and re-noises with scale_noise: both paths."""
+    mapping = two_stage(wan_recipe("tiny:wan", height=32, width=48, num_frames=9))
+    mapping["sampler"].update(steps=4, scheduler="FlowMatchEulerDiscreteScheduler")
+    result = runner.generate(resolve(mapping), write=False)
+    unipc = runner.generate(resolve(two_stage(wan_recipe("tiny:wan", height=32, width=48, num_frames=9)),
+                                    ["sampler.steps=4"]), write=False)
+    assert torch.isfinite(result.latents).all() and result.latents.shape == (1, 16, 3, 4, 6)
+    assert (result.latents - unipc.latents).abs().max() > 1e-3  # really another sampler
