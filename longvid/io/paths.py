@@ -184,18 +184,17 @@ def _format_field(field: str, values: dict[str, object], spec: str | None, conve
 
 
 def output_path(out_dir: str | os.PathLike, template: str, ext: str = ".mp4", **fields: object) -> Path:
-    """Resolved path of a rendered name inside ``out_dir``. Nothing is created: the folder appears only when
-    the first file is written, so a run that fails before that leaves no empty folder behind.
-
-    The containment check after ``resolve()`` is a second line of defence behind ``slug``: it also
-    catches a name that exists as a symlink pointing outside the folder.
+    """Path of a rendered name inside ``out_dir`` (the folder resolved, the name not: whatever sits at the name,
+    a planted symlink included, is never followed — publishing replaces it or refuses). Nothing is created:
+    the folder appears only when the first file is written, so a run that fails before that leaves no empty
+    folder behind. The containment check is a second line of defence behind ``slug``.
     """
     if not re.fullmatch(r"\.[A-Za-z0-9]{1,8}", ext):
         raise ValueError(f"extension must look like '.mp4', got {ext!r}")
     root = Path(out_dir).expanduser().resolve()
-    path = (root / (render_name(template, **fields) + ext)).resolve()
-    if not path.is_relative_to(root) or path.parent != root:
-        raise ValueError(f"output name {path.name!r} escapes the output folder {root}")
+    path = root / (render_name(template, **fields) + ext)
+    if path.parent != root or path.name in (".", ".."):
+        raise OutputError(f"output.name: {path.name!r} would leave the output folder {root}")
     return path
 
 

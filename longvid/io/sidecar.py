@@ -95,6 +95,7 @@ def environment_info(device: str | torch.device | None = None) -> dict[str, Any]
         "cuda": torch.version.cuda,
         "cudnn": _cudnn_version(),
         "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
         **_device_info(dev),
         "ffmpeg": _ffmpeg_version(),
     }
