@@ -344,27 +344,32 @@ def _sidecar(recipe: Recipe, path: Path | None, latents: torch.Tensor, timings: 
 def _publish(writer: VideoWriter, sidecar: dict[str, Any], recipe: Recipe, latents: torch.Tensor) -> None:
     """Publish the finished video and its sidecar together, or neither: both are complete temporary files
     first; if the sidecar cannot be published after the video was, the video is taken back (a video without
-    its sidecar would block every rerun)."""
+    its sidecar would block every rerun). An I/O failure is one line (exit 2) and leaves nothing."""
     path, overwrite = writer.path, recipe.output.overwrite
-    side_tmp = prepare_sidecar(sidecar_path(path), sidecar)
+    side_tmp = None
     try:
+        side_tmp = prepare_sidecar(sidecar_path(path), sidecar)
         writer.publish()
         try:
             publish(side_tmp, sidecar_path(path), overwrite=overwrite)
         except BaseException:
             remove_quietly(path)
             raise
+        if recipe.output.save_latents:
+            target = path.with_suffix(".latents.pt")
+            tmp = partial_path(target)
+            try:
+                with os.fdopen(create_exclusive(tmp), "wb") as f:
+                    torch.save(latents.cpu(), f)
+                publish(tmp, target, overwrite=overwrite)
+            finally:
+                remove_quietly(tmp)
     except OSError as err:
-        raise OutputError(f"output.dir: cannot publish {path.name} and its sidecar ({err.strerror or err}); "
+        raise OutputError(f"output.dir: cannot write {path.name} and its sidecar ({err.strerror or err}); "
                           "nothing was kept") from err
     finally:
-        remove_quietly(side_tmp)
-    if recipe.output.save_latents:
-        target = path.with_suffix(".latents.pt")
-        tmp = partial_path(target)
-        with os.fdopen(create_exclusive(tmp), "wb") as f:
-            torch.save(latents.cpu(), f)
-        publish(tmp, target, overwrite=overwrite)
+        if side_tmp is not None:
+            remove_quietly(side_tmp)
 
 
 def _output_file(recipe: Recipe) -> Path:

@@ -138,7 +138,8 @@ def test_a_full_disk_for_the_sidecar_leaves_no_video(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(runner, "prepare_sidecar", no_space)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="cannot write clip.mp4 and its sidecar \\(No space left on device\\); "
+                                          "nothing was kept"):
         runner.generate(_small(tmp_path / "out"))
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -152,7 +153,7 @@ def test_a_sidecar_that_cannot_be_published_takes_the_video_back(tmp_path, monke
         return real(tmp, final, overwrite=overwrite)
 
     monkeypatch.setattr(runner, "publish", failing)
-    with pytest.raises(OutputError, match="cannot publish clip.mp4 and its sidecar .*nothing was kept"):
+    with pytest.raises(OutputError, match="cannot write clip.mp4 and its sidecar .*nothing was kept"):
         runner.generate(_small(tmp_path / "out"))
     assert list((tmp_path / "out").iterdir()) == []
     monkeypatch.undo()
