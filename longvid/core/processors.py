@@ -43,6 +43,13 @@ def op_active(op) -> bool:
     return True if active is None else bool(active())
 
 
+def weight_key(t: torch.Tensor) -> tuple[int, int]:
+    """(storage address, version) of a weight, for caches derived from it: an in-place edit (a fused LoRA)
+    bumps the version. Inference tensors (a model loaded under ``torch.inference_mode()``) keep no version
+    counter and cannot be edited in place outside inference mode, so their address alone identifies them."""
+    return t.data_ptr(), (-1 if t.is_inference() else t._version)
+
+
 def head_groups(heads: int, bytes_per_head: int, budget: int) -> int:
     """Heads per group so that one group's q/k/v (``bytes_per_head`` each head) fit ``budget`` bytes."""
     return max(1, min(heads, budget // max(bytes_per_head, 1)))
@@ -142,7 +149,7 @@ class OpAttnProcessor:
         projs = (attn.to_q, attn.to_k, attn.to_v)
         if not all(type(p) is torch.nn.Linear for p in projs):  # e.g. LoRA-wrapped: project fully, then slice
             return torch.cat([p(x)[..., cols] for p in projs], dim=-1)
-        key = (cols.start, cols.stop, *((p.weight.data_ptr(), p.weight._version) for p in projs))
+        key = (cols.start, cols.stop, *(weight_key(p.weight) for p in projs))
         if self._stacked.get(cols.start, (None,))[0] != key:
             weight = torch.cat([p.weight[cols] for p in projs])  # (3*g*D, C)
             bias = torch.cat([p.bias[cols] for p in projs]) if all(p.bias is not None for p in projs) else None

@@ -148,6 +148,7 @@ class LowPass:
             return cls(lpf.shape, "zero", device=lpf.device)
         return cls(lpf.shape, "rfft", even=_even_part(lpf.cpu()), device=lpf.device)
 
+    @torch.no_grad()  # inference only: the out= products below have no autograd, and no caller needs gradients
     def apply(self, x: torch.Tensor, dims: Sequence[int], scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Low-pass of the float32 tensor ``x`` over axes ``dims = (f_axis, h_axis, w_axis)``.
 
@@ -194,6 +195,7 @@ def _cached_gaussian(shape, d_s, d_t, grid, method, device) -> LowPass:
     return LowPass.gaussian(shape, d_s, d_t, grid, method, torch.device(device))
 
 
+@torch.no_grad()
 def spectral_blend(
     global_feat: torch.Tensor,
     local_feat: torch.Tensor,
@@ -282,6 +284,7 @@ class SpectralBlendAttention:
             self._cache[key] = LowPass.gaussian(shape, self.d_s, self.d_t, self.grid, device=device)
         return self._cache[key]
 
+    @torch.no_grad()  # an inference op: works in plain mode, no_grad and inference_mode alike
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         n, heads, seq, _ = q.shape  # (N, heads, S, D)
         b, f, h, w = layout.batch, layout.frames, layout.height, layout.width

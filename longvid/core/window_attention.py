@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longvid.core.processors import input_norms, qk_norms
+from longvid.core.processors import input_norms, qk_norms, weight_key
 from longvid.core.windows import FusionPlan, WindowAccumulator, check_window, fusion_plan, window_weights
 
 
@@ -85,7 +85,7 @@ class WindowFusedAttnProcessor:
         if self.pos_embed is None:
             return None
         projections = (attn.to_q, attn.to_k, attn.to_v)
-        key = (len_, x.dtype, x.device, *(getattr(p, "weight", x)._version for p in projections))
+        key = (len_, x.dtype, x.device, *(weight_key(getattr(p, "weight", x)) for p in projections))
         if key not in self._positions:
             zeros = x.new_zeros(1, len_, x.shape[-1])  # (1, L, C)
             pe = self.pos_embed(zeros).to(x.dtype)  # (1, L, C): the positional term alone
