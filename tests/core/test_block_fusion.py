@@ -125,3 +125,34 @@ def test_block_fusion_row_chunks_equal_one_batch(frames):
         out = basic(x)
     handle.remove()
     assert (out - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("frames", [25, 64])
+def test_shared_projection_equals_the_per_view_path(frames):
+    """norm1 and attn1's q/k/v once over all frames (+ the projected window-local pe) == every view alone."""
+    basic, _ = _blocks()
+    x = _x(3, frames)
+    outs = {}
+    for shared in (True, False):
+        handle = apply_block_fusion(basic, 16, 4, "pyramid", shared_projection=shared)
+        with torch.no_grad():
+            outs[shared] = basic(x)
+        handle.remove()
+    assert (outs[True] - outs[False]).abs().max() <= 1e-5
+    assert outs[True].abs().max() > 0.1
+
+
+def test_a_non_default_attn1_processor_takes_the_exact_path():
+    """Where attn1 is not diffusers' default processor, W(h + pe) = Wh + Wpe may not hold: exact path, bit for bit."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    basic, _ = _blocks()
+    basic.attn1.set_processor(AttnProcessor())  # another (here: equivalent) processor, e.g. a method's
+    x = _x(2, 40)
+    outs = {}
+    for shared in (True, False):
+        handle = apply_block_fusion(basic, 16, 4, "pyramid", shared_projection=shared)
+        with torch.no_grad():
+            outs[shared] = basic(x)
+        handle.remove()
+    assert torch.equal(outs[True], outs[False])
