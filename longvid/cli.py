@@ -163,7 +163,10 @@ def generate(
             out.print(_shape_summary(resolved))
         return
     _quiet_libraries()
-    from longvid.runner import generate as run
+    from longvid.interrupts import StopRequests
+
+    with StopRequests(checkpoint=False):  # a SIGTERM while torch and diffusers import: a clean one-line stop
+        from longvid.runner import generate as run
 
     if quiet or as_json:
         result = run(resolved, restart=restart)

@@ -282,21 +282,19 @@ def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progres
         if restart:
             store.discard()
         resume = store.load()  # another recipe's checkpoint is refused here, before any loading
-    if adapter is None:
-        tick = time.perf_counter()
-        adapter = load_adapter(recipe)
-        timings["load_s"] = time.perf_counter() - tick
-        own_adapter = True
-    else:
-        own_adapter = False
-    if adapter.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(adapter.device)
     checkpointing = store is not None and recipe.runtime.checkpoint != "off"
-    writer = None
-    try:
-        adapter.check_run(recipe)
-        _check_schedulers(adapter, recipe)
-        with StopRequests(enabled=path is not None, checkpoint=checkpointing) as stop:
+    own_adapter, writer = adapter is None, None
+    # From here to publishing, SIGTERM/SIGUSR1 stop cleanly: a checkpoint (75) or nothing kept (143).
+    with StopRequests(enabled=path is not None, checkpoint=checkpointing) as stop:
+        try:
+            if own_adapter:
+                tick = time.perf_counter()
+                adapter = load_adapter(recipe)
+                timings["load_s"] = time.perf_counter() - tick
+            if adapter.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(adapter.device)
+            adapter.check_run(recipe)
+            _check_schedulers(adapter, recipe)
             steps = _Steps(recipe, progress, store if checkpointing or resume is not None else None,
                            stop if checkpointing else None)
             latents = denoise_latents(adapter, recipe, timings=timings, steps=steps, resume=resume)
@@ -309,15 +307,15 @@ def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progres
             if path is not None:
                 _publish(writer, sidecar, recipe, latents)
                 store.discard()  # finished: the checkpoint has served its purpose
-    except torch.OutOfMemoryError as err:
-        v = recipe.video
-        raise OutOfMemoryError(f"video.num_frames: out of memory at {v.num_frames} frames {v.width}x{v.height}; "
-                               "use fewer frames or pixels, or set runtime.offload=model") from err
-    finally:
-        if writer is not None and not writer._closed:
-            writer.abort()  # anything that stopped the run before publishing: no temporary video is left
-        if own_adapter:
-            adapter.close()
+        except torch.OutOfMemoryError as err:
+            v = recipe.video
+            raise OutOfMemoryError(f"video.num_frames: out of memory at {v.num_frames} frames {v.width}x{v.height}; "
+                                   "use fewer frames or pixels, or set runtime.offload=model") from err
+        finally:
+            if writer is not None and not writer._closed:
+                writer.abort()  # anything that stopped the run before publishing: no temporary video is left
+            if own_adapter and adapter is not None:
+                adapter.close()
     return Result(path, latents, sidecar)
 
 
