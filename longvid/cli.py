@@ -165,7 +165,7 @@ def generate(
     _quiet_libraries()
     from longvid.interrupts import StopRequests
 
-    with StopRequests(checkpoint=False):  # a SIGTERM while torch and diffusers import: a clean one-line stop
+    with StopRequests(immediate=True):  # a SIGTERM while torch and diffusers import: a clean one-line stop
         from longvid.runner import generate as run
 
     if quiet or as_json:

@@ -64,3 +64,7 @@ class Stopped(LongvidError):
 
     exit_code = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
     label = "stopped"
+
+
+class CheckpointError(LongvidError):
+    """A checkpoint that cannot be used or written (another recipe's, unreadable, tampered, a full disk)."""

@@ -1,13 +1,14 @@
-"""Stop requests from the outside world: SIGTERM and SIGUSR1 finish the current step instead of killing it.
+"""Stop requests from the outside world: SIGTERM and SIGUSR1 stop a run at a safe point instead of killing it.
 
 Cluster schedulers preempt with SIGTERM (SLURM: ``--signal=B:USR1@120`` or a plain ``scancel``/requeue).
 While a :class:`StopRequests` block is active, those signals only set :attr:`StopRequests.requested`; the
-runner checks it after every denoising step (and between decoded chunks), writes a checkpoint and exits
-with code 75 so a rerun resumes. A run that keeps no checkpoint (``checkpoint=False``) instead stops at
-once with :class:`~longvid.errors.Stopped` (exit 143), which unwinds through the writers so every temporary
-file is removed: a signal never leaves a partial file behind. Outside the block (and in threads other than
-the main one, where Python cannot install handlers) nothing changes. SIGINT (Ctrl-C) keeps its meaning:
-abort, keep nothing.
+runner checks it at safe points — after every denoising step, between hand-off and decoded chunks, before
+publishing — and there either writes a checkpoint and exits with code 75 (``runtime.checkpoint`` on) or
+stops with :class:`~longvid.errors.Stopped` (exit 143) after removing every temporary file. Raising from the
+handler itself would land anywhere (inside the encoder's pipe write, which rewraps it as an I/O error; inside
+a publish), so only ``immediate=True`` blocks do that, where nothing is being written (the CLI importing
+torch). Outside a block, and in threads other than the main one (where Python cannot install handlers),
+nothing changes. SIGINT (Ctrl-C) keeps its meaning: abort, keep nothing.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signa
 
 class StopRequests:
     """Context manager catching :data:`STOP_SIGNALS`; ``requested`` is the name of the first one, or None.
-    With ``checkpoint=False`` the first signal raises :class:`~longvid.errors.Stopped` where the run is."""
+    With ``immediate=True`` the first signal raises :class:`~longvid.errors.Stopped` where the program is."""
 
-    def __init__(self, enabled: bool = True, checkpoint: bool = True):
+    def __init__(self, enabled: bool = True, immediate: bool = False):
         self.enabled = enabled
-        self.checkpoint = checkpoint
+        self.immediate = immediate
         self.requested: str | None = None
         self._previous: dict[int, object] = {}
 
@@ -32,11 +33,14 @@ class StopRequests:
         if self.requested is not None:
             return
         self.requested = signal.Signals(signum).name
-        if not self.checkpoint:
-            from longvid.errors import Stopped
+        if self.immediate:
+            raise self.stopped()
 
-            raise Stopped(f"{self.requested}: stopped; nothing was kept (runtime.checkpoint=on_signal keeps "
-                          "progress to resume from)")
+    def stopped(self):
+        from longvid.errors import Stopped
+
+        return Stopped(f"{self.requested}: stopped; nothing was kept (runtime.checkpoint=on_signal keeps progress "
+                       "to resume from)")
 
     def __enter__(self) -> "StopRequests":
         if self.enabled and threading.current_thread() is threading.main_thread():
@@ -46,6 +50,7 @@ class StopRequests:
 
     def __exit__(self, *exc) -> bool:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # a handler installed from C reads back as None: restore the default action then
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
         return False

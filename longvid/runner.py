@@ -30,7 +30,7 @@ from longvid.core.guidance import guided
 from longvid.core.noise import gaussian_noise
 from longvid.core.sampler import LoopState, StageJob, scheduler_state, set_timesteps
 from longvid.core.stages import handoff, renoise
-from longvid.errors import OutOfMemoryError, RecipeError, Problem
+from longvid.errors import OutOfMemoryError, OutputExistsError, Problem, RecipeError
 from longvid.interrupts import StopRequests
 from longvid.io.checkpoint import Checkpoint, CheckpointStore, Checkpointed, checkpoint_dir, recipe_hash
 from longvid.io.paths import (OutputError, check_output_folder, check_writable, create_exclusive, output_path,
@@ -107,6 +107,8 @@ def denoise_latents(adapter: ModelAdapter, recipe: Recipe, progress: Progress | 
         timings["resumed_from"] = {"stage": resume.data["stage"], "step": resume.data["step"]}
     stage_timings = timings.setdefault("stages", [])
     x = None
+    if resume is not None and resume.data.get("handoff"):  # stopped during a hand-off: redo it from the result
+        x, resume = resume.tensors["loop.latents"].to(adapter.device), None
     for plan in plans[first:]:
         state = resume if (resume is not None and plan.index == first) else None
         x = _run_stage(adapter, recipe, plan, plans, cond, generator, x, steps, state, stage_timings)
@@ -125,8 +127,6 @@ def _run_stage(adapter: ModelAdapter, recipe: Recipe, plan: StagePlan, plans: li
                             stage_index=plan.index, start_step=plan.start_step)
     scheduler = adapter.make_scheduler(plan.sampler)
     timesteps = set_timesteps(scheduler, plan.sampler.steps, device, plan.start_step)
-    if steps.store is not None and resume is None:
-        _check_checkpointable(scheduler, plan)
     methods = build_methods(recipe, plan.methods)
     builders = [b for b in (m.noise_builder(adapter) for m in methods) if b is not None]
     noise_fn = builders[-1] if builders else gaussian_noise
@@ -143,8 +143,8 @@ def _run_stage(adapter: ModelAdapter, recipe: Recipe, plan: StagePlan, plans: li
         noise = noise_fn(shape, generator, dtype=adapter.latent_dtype, device=device)
         latents = adapter.prepare_latents(noise, scheduler)
     else:
-        report = steps.progress_fn(f"handoff:{plan.name}")
-        init = handoff(adapter, x, plan, recipe.runtime, report)
+        init = handoff(adapter, x, plan, recipe.runtime, steps.handoff_reporter(plan, x))
+        init = init.to(adapter.latent_dtype)
         noise = noise_fn(tuple(init.shape), generator, dtype=init.dtype, device=device)
         latents = renoise(scheduler, init, noise, timesteps[plan.start_step])
         record["handoff_s"] = round(time.perf_counter() - tick, 4)
@@ -166,11 +166,14 @@ def _run_stage(adapter: ModelAdapter, recipe: Recipe, plan: StagePlan, plans: li
     return x
 
 
-def _check_schedulers(adapter: ModelAdapter, recipe: Recipe) -> None:
-    """Build every stage's scheduler from the loaded model's config before any work: a scheduler that cannot
-    take this model's schedule (a flow model with an epsilon-only scheduler, a bad setting) is one line."""
+def _check_schedulers(adapter: ModelAdapter, recipe: Recipe, checkpointing: bool) -> None:
+    """Build every stage's scheduler from the loaded model's config and take one probe step before any work: a
+    scheduler that cannot take this model's schedule (a flow model with an epsilon-only scheduler, a bad
+    setting), a second-order one (its timesteps repeat: longvid's step counting and strength assume one model
+    call per step) or, when checkpointing, one whose state cannot be saved, is one line."""
     for plan in plan_stages(recipe):
         key = f"stages.{plan.name}.sampler" if recipe.stages else "sampler"
+        name = plan.sampler.scheduler or type(adapter.pipe.scheduler).__name__
         try:
             scheduler = adapter.make_scheduler(plan.sampler)  # a throwaway: the run builds its own
             timesteps = set_timesteps(scheduler, plan.sampler.steps, adapter.device)
@@ -178,18 +181,20 @@ def _check_schedulers(adapter: ModelAdapter, recipe: Recipe) -> None:
             scheduler.step(probe, timesteps[0], probe, **adapter.step_kwargs(
                 scheduler, torch.Generator("cpu").manual_seed(0), plan.sampler), return_dict=False)
         except Exception as err:  # diffusers raises ValueError, TypeError, ZeroDivisionError, ...
-            name = plan.sampler.scheduler or type(adapter.pipe.scheduler).__name__
             first = " ".join(str(err).split())[:200] or type(err).__name__
             raise RecipeError([Problem(f"{key}.scheduler", f"{name} cannot run this model's schedule ({first}); "
                                                           "choose another scheduler or settings")]) from None
-
-
-def _check_checkpointable(scheduler, plan: StagePlan) -> None:
-    try:
-        scheduler_state(scheduler)
-    except TypeError as err:
-        raise RecipeError([Problem("runtime.checkpoint", f"{type(scheduler).__name__} cannot be checkpointed "
-                                                         f"({err}); set runtime.checkpoint=off")]) from None
+        if getattr(scheduler, "order", 1) != 1 or len(timesteps) != plan.sampler.steps:
+            raise RecipeError([Problem(f"{key}.scheduler", f"{name} is a second-order scheduler (two model calls "
+                                                          "per step), which longvid's loop does not run; choose "
+                                                          "UniPC, DPM++, Euler, DDIM or FlowMatchEuler")])
+        if checkpointing:
+            try:
+                scheduler_state(scheduler)  # after a step: the attributes a run really carries
+            except TypeError as err:
+                raise RecipeError([Problem("runtime.checkpoint", f"{name} cannot be checkpointed ({err}); use "
+                                                                 "another scheduler or runtime.checkpoint=off")]) \
+                    from None
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -197,7 +202,8 @@ def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 
 
 class _Steps:
-    """Receives every step of every stage: progress, periodic checkpoints, and a clean stop on a signal."""
+    """Receives every step of every stage and the safe points between phases: progress, periodic checkpoints,
+    and the stop a signal requested (a checkpoint and exit 75 when ``store`` is set, else exit 143)."""
 
     def __init__(self, recipe: Recipe, progress: Progress | None, store: CheckpointStore | None = None,
                  stop: StopRequests | None = None):
@@ -205,6 +211,10 @@ class _Steps:
         self.plans = plan_stages(recipe)
         self.every = recipe.runtime.checkpoint_every if recipe.runtime.checkpoint == "every_n" else None
         self.generator: torch.Generator | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop is not None and self.stop.requested is not None
 
     def progress_fn(self, event: str) -> Callable[[int, int], None] | None:
         if self.progress is None:
@@ -217,17 +227,41 @@ class _Steps:
         def on_step(done: int, capture: Callable[[], LoopState]) -> None:
             if self.progress is not None:
                 self.progress(event, done - plan.start_step, plan.steps_run)
-            stopping = self.stop is not None and self.stop.requested is not None
             periodic = (self.every is not None and (done - plan.start_step) % self.every == 0
                         and done < plan.sampler.steps)
-            if self.store is not None and (stopping or periodic):
+            if self.store is not None and (self.stopping or periodic):
                 self.save(plan, capture(), methods)
-            if stopping and self.store is not None:
+            if self.stopping:
                 raise self.stopped(plan, done)
 
         return on_step
 
-    def save(self, plan: StagePlan, state: LoopState, methods: list[Method], done: bool = False) -> None:
+    def handoff_reporter(self, plan: StagePlan, previous: torch.Tensor) -> Callable[[int, int], None]:
+        """Between hand-off chunks: a stop keeps the previous stage's result and the generator state before this
+        stage's noise, so the rerun repeats the hand-off exactly (a long hand-off never outlasts a grace period)."""
+        report = self.progress_fn(f"handoff:{plan.name}")
+
+        def on_chunk(done: int, total: int) -> None:
+            if report is not None:
+                report(done, total)
+            if self.stopping:
+                if self.store is not None:
+                    self.save(plan, LoopState(plan.start_step, {"latents": previous}), [], handoff=True)
+                raise self.stopped(plan, plan.start_step, handoff=True)
+
+        return on_chunk
+
+    def check_decode(self, latents: torch.Tensor) -> None:
+        """Between decoded chunks and before publishing: a stop keeps the final latents (the rerun only decodes)."""
+        if not self.stopping:
+            return
+        last = self.plans[-1]
+        if self.store is not None:
+            self.save(last, LoopState(last.sampler.steps, {"latents": latents}), [], done=True)
+        raise self.stopped(last, last.sampler.steps)
+
+    def save(self, plan: StagePlan, state: LoopState, methods: list[Method], done: bool = False,
+             handoff: bool = False) -> None:
         tensors = {f"loop.{k}": v for k, v in state.tensors.items()}
         tensors["generator"] = self.generator.get_state() if self.generator is not None else torch.empty(0)
         method_data = {}
@@ -236,20 +270,19 @@ class _Steps:
             tensors.update({f"method.{m.name}.{k}": v for k, v in t.items()})
             method_data[m.name] = d
         self.store.save({"recipe_name": self.recipe.name, "stage": plan.name, "stage_index": plan.index,
-                         "step": state.step, "total_steps": plan.sampler.steps, "done": done, "loop": state.data,
-                         "methods": method_data}, tensors)
+                         "step": state.step, "total_steps": plan.sampler.steps, "done": done, "handoff": handoff,
+                         "loop": state.data, "methods": method_data}, tensors)
 
-    def check_decode(self, latents: torch.Tensor) -> None:
-        """Between decoded chunks: on a stop request, keep the final latents (the rerun only decodes) and stop."""
-        if self.store is None or self.stop is None or self.stop.requested is None:
-            return
-        last = self.plans[-1]
-        self.save(last, LoopState(last.sampler.steps, {"latents": latents}), [], done=True)
-        raise self.stopped(last, last.sampler.steps)
-
-    def stopped(self, plan: StagePlan, step: int) -> Checkpointed:
+    def stopped(self, plan: StagePlan, step: int, handoff: bool = False):
+        if self.store is None:
+            return self.stop.stopped()
         where = f"stage {plan.name}, " if len(self.plans) > 1 else ""
-        what = f"{where}step {step}/{plan.sampler.steps}" if step < plan.sampler.steps else "the end of denoising"
+        if handoff:
+            what = f"the hand-off to stage {plan.name}"
+        elif step < plan.sampler.steps:
+            what = f"{where}step {step}/{plan.sampler.steps}"
+        else:
+            what = "the end of denoising"
         return Checkpointed(f"{self.stop.requested}: checkpointed at {what} -> {self.store.folder}/; "
                             "rerun the same command to resume")
 
@@ -285,7 +318,7 @@ def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progres
     checkpointing = store is not None and recipe.runtime.checkpoint != "off"
     own_adapter, writer = adapter is None, None
     # From here to publishing, SIGTERM/SIGUSR1 stop cleanly: a checkpoint (75) or nothing kept (143).
-    with StopRequests(enabled=path is not None, checkpoint=checkpointing) as stop:
+    with StopRequests(enabled=path is not None) as stop:
         try:
             if own_adapter:
                 tick = time.perf_counter()
@@ -294,9 +327,8 @@ def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progres
             if adapter.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(adapter.device)
             adapter.check_run(recipe)
-            _check_schedulers(adapter, recipe)
-            steps = _Steps(recipe, progress, store if checkpointing or resume is not None else None,
-                           stop if checkpointing else None)
+            _check_schedulers(adapter, recipe, checkpointing)
+            steps = _Steps(recipe, progress, store if checkpointing else None, stop)
             latents = denoise_latents(adapter, recipe, timings=timings, steps=steps, resume=resume)
             tick = time.perf_counter()
             if path is not None:
@@ -305,6 +337,7 @@ def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progres
             timings["total_s"] = time.perf_counter() - start
             sidecar = _sidecar(recipe, path, latents, timings, adapter.device)
             if path is not None:
+                steps.check_decode(latents)  # the last safe point: nothing is published yet
                 _publish(writer, sidecar, recipe, latents)
                 store.discard()  # finished: the checkpoint has served its purpose
         except torch.OutOfMemoryError as err:
@@ -340,34 +373,34 @@ def _sidecar(recipe: Recipe, path: Path | None, latents: torch.Tensor, timings: 
 
 
 def _publish(writer: VideoWriter, sidecar: dict[str, Any], recipe: Recipe, latents: torch.Tensor) -> None:
-    """Publish the finished video and its sidecar together, or neither: both are complete temporary files
-    first; if the sidecar cannot be published after the video was, the video is taken back (a video without
-    its sidecar would block every rerun). An I/O failure is one line (exit 2) and leaves nothing."""
+    """Publish the finished video, its sidecar (and the latents when asked) together, or none of them: every
+    file is a complete temporary first; if one cannot be published after another was, the published ones are
+    taken back (a video without its sidecar would block every rerun). An I/O failure is one line (exit 2)."""
     path, overwrite = writer.path, recipe.output.overwrite
-    side_tmp = None
+    temps: list[tuple[Path, Path]] = []  # (temporary, final) after the video
+    published: list[Path] = []
     try:
-        side_tmp = prepare_sidecar(sidecar_path(path), sidecar)
-        writer.publish()
-        try:
-            publish(side_tmp, sidecar_path(path), overwrite=overwrite)
-        except BaseException:
-            remove_quietly(path)
-            raise
+        temps.append((prepare_sidecar(sidecar_path(path), sidecar), sidecar_path(path)))
         if recipe.output.save_latents:
             target = path.with_suffix(".latents.pt")
             tmp = partial_path(target)
-            try:
-                with os.fdopen(create_exclusive(tmp), "wb") as f:
-                    torch.save(latents.cpu(), f)
-                publish(tmp, target, overwrite=overwrite)
-            finally:
-                remove_quietly(tmp)
-    except OSError as err:
-        raise OutputError(f"output.dir: cannot write {path.name} and its sidecar ({err.strerror or err}); "
-                          "nothing was kept") from err
+            temps.append((tmp, target))
+            with os.fdopen(create_exclusive(tmp), "wb") as f:
+                torch.save(latents.cpu(), f)
+        writer.publish()
+        published.append(path)
+        for tmp, final in temps:
+            publish(tmp, final, overwrite=overwrite)
+            published.append(final)
+    except (OSError, OutputExistsError) as err:
+        for final in published:
+            remove_quietly(final)
+        reason = err.strerror or err if isinstance(err, OSError) else "a file appeared meanwhile"
+        raise OutputError(f"output.dir: cannot write {path.name} and its sidecar ({reason}); nothing was "
+                          "kept") from err
     finally:
-        if side_tmp is not None:
-            remove_quietly(side_tmp)
+        for tmp, _ in temps:
+            remove_quietly(tmp)
 
 
 def _output_file(recipe: Recipe) -> Path:

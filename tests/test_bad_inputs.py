@@ -36,6 +36,7 @@ FILES = {
     "listrecipe.json": json.dumps({"longvid_sidecar": 1, "recipe": [1, 2]}),
     "badtypes.json": json.dumps({**SIDECAR, "recipe": {**SIDECAR["recipe"], "video": {"num_frames": "many"}}}),
     "binary.yaml": b"\x00\xff\xfe\x89PNG\r\n",
+    "twokeys.yaml": "model: {family: wan, path: 'tiny:wan'}\nprompt: {0: a, '0': b}\nmethods: {freenoise: {}}\n",
     "afile": "not a folder\n",
 }
 
@@ -111,7 +112,7 @@ CASES = {
     "name unknown field": ([*G, "--name", "{recipe}-{colour}"], "output.name: unknown field {colour}"),
     "name bad spec": ([*G, "--name", "{prompt:d}"], "output.name: name template field {prompt:d} cannot format"),
     "name unbounded width": ([*G, "--name", "{seed:0999999d}"], "output.name: {seed:0999999d} is 999999 characters wide"),
-    "name index outside batch": ([*G, "--name", "{index}-{seed}"], "output.name: {index} has a value only in `longvid batch`"),
+    "name index outside batch": ([*G, "--name", "{index}-{seed}"], "output.name: {index} numbers the items of a batch run"),
     "name single brace": ([*G, "--name", "{seed"], "output.name: invalid name template"),
     "name attribute access": ([*G, "--name", "{prompt.__class__}"], "output.name: unknown field {prompt.__class__}"),
     "name empty": ([*G, "--name", ""], "output.name: must not be empty"),
@@ -145,6 +146,15 @@ CASES = {
     "unknown option": ([*G, "--sed", "3"], "No such option: --sed"),
     "unknown command": (["genrate"], "No such command 'genrate'"),
     "missing recipe option": (["generate"], "Missing option '--recipe'"),
+    "same frame twice": (["generate", "--recipe", "{tmp}/twokeys.yaml"], "Conflicting integer and string keys"),
+    "stride beyond the default window": ([*G, "video.num_frames=41", "methods.freenoise.stride=100"],
+                                         "methods.freenoise.stride: must not exceed the window (81 frames)"),
+    "multi-prompt across frame counts": ([*G, "--prompt-at", "0:a", "--prompt-at", "8:b", "methods.freenoise={}",
+                                          "stages.base.num_frames=9", "stages.base.height=32",
+                                          "stages.refine.upsample=latent"], "prompt: keyframes are frames of the output"),
+    "clock in the name with checkpoints": ([*G, "--name", "{date}-{seed}", "runtime.checkpoint=on_signal"],
+                                           "output.name: {date} changes on every run"),
+    "name spec fails for large seeds": ([*G, "--name", "{seed:c}"], "output.name: name template field {seed:c}"),
     "deprecated scheduler": ([*G, "sampler.scheduler=KarrasVeScheduler"], "KarrasVeScheduler is not a step-by-step sampling scheduler"),
     "validate nothing": (["validate", "{tmp}/none"], "paths: no such file or folder"),
 }
@@ -222,6 +232,7 @@ def test_validate_reports_every_file_and_does_not_stop(scratch):
     (["sampler.scheduler=EulerDiscreteScheduler"], "EulerDiscreteScheduler cannot run this model's schedule"),
     (["sampler.scheduler=AmusedScheduler"], "AmusedScheduler cannot run this model's schedule"),
     (["sampler.scheduler_config.num_train_timesteps=0"], "UniPCMultistepScheduler cannot run this model's schedule"),
+    (["sampler.scheduler=FlowMatchHeunDiscreteScheduler"], "FlowMatchHeunDiscreteScheduler is a second-order scheduler"),
     (["stages.base.height=32", "stages.refine.sampler.scheduler=DDPMScheduler"],
      "stages.refine.sampler.scheduler: DDPMScheduler cannot run"),
 ])

@@ -231,6 +231,23 @@ def test_temporaries_are_exclusive_unguessable_and_sweeping_never_follows_links(
     assert live.exists() and taken not in removed  # a live writer's file and a foreign name are untouched
 
 
+def test_a_planted_checkpoint_symlink_is_refused_and_never_written_through(tmp_path):
+    from longvid.errors import CheckpointError
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / ".clip.ckpt").symlink_to(elsewhere)
+    mapping = wan_recipe("tiny:wan", num_frames=9)
+    mapping["output"] = {"dir": str(out), "name": "clip"}
+    mapping["runtime"]["checkpoint"] = "every_n"
+    with pytest.raises(CheckpointError, match="is a symlink"):
+        runner.generate(resolve(mapping))
+    with pytest.raises(CheckpointError, match="is a symlink"):
+        runner.generate(resolve(mapping), restart=True)  # --restart does not delete through it either
+    assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == [".clip.ckpt"]
+
+
 # -------------------------------------------------------------------------------------------- determinism
 
 

@@ -26,7 +26,7 @@ from torch import nn
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from longvid.core.processors import qk_norms, weight_key
+from longvid.core.processors import plain_linear, qk_norms, weight_key
 from longvid.core.windows import WindowAccumulator, check_window, fusion_plan, window_weights
 
 BLOCK_HOOK_NAME = "longvid.freenoise.block"
@@ -164,7 +164,7 @@ def _projection_is_shareable(block, attention_mask, kwargs) -> bool:
             and (pe is None or type(pe).__name__ == "SinusoidalPositionalEmbedding")
             and type(attn.processor) is AttnProcessor2_0
             and attn.group_norm is None and attn.spatial_norm is None and not attn.residual_connection
-            and all(type(p) is nn.Linear for p in (attn.to_q, attn.to_k, attn.to_v)))
+            and all(plain_linear(p) for p in (attn.to_q, attn.to_k, attn.to_v)))
 
 
 class BlockFusionHandle:

@@ -36,10 +36,12 @@ def guided(adapter, sampler: SamplerConfig, ctx: GenerationContext | None = None
         if ctx is not None:
             ctx.cfg_branch = branch
 
+    guided_run = scales[0] > 1.0  # as WanPipeline: guidance_scale alone turns CFG on, for every expert
+
     def denoise(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         expert = adapter.expert(t)
-        scale = scales[min(expert, 1)]
-        if scale <= 1.0 or cond.negative is None:
+        scale = scales[min(expert, 1)]  # with CFG on, each expert blends with its own scale (even <= 1)
+        if not guided_run or cond.negative is None:
             set_branch("cond")
             return adapter.predict(x, t, cond.positive, expert)
         if adapter.batched_cfg:  # one call on [uncond, cond] (AnimateDiffPipeline's layout)

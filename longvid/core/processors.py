@@ -43,6 +43,13 @@ def op_active(op) -> bool:
     return True if active is None else bool(active())
 
 
+def plain_linear(module: torch.nn.Module) -> bool:
+    """A bare ``nn.Linear`` whose weight is here: raw-weight fast paths (stacked or sliced weights) are exact for
+    it. Not for wrappers (LoRA layers are another type) nor for layers accelerate offloads (a hook brings the
+    weight in at forward time; until then it sits on the meta device): those are called as modules instead."""
+    return type(module) is torch.nn.Linear and not hasattr(module, "_hf_hook") and module.weight.device.type != "meta"
+
+
 def weight_key(t: torch.Tensor) -> tuple[int, int]:
     """(storage address, version) of a weight, for caches derived from it: an in-place edit (a fused LoRA)
     bumps the version. Inference tensors (a model loaded under ``torch.inference_mode()``) keep no version
@@ -121,11 +128,11 @@ class OpAttnProcessor:
         residual = hidden_states
         hidden_states = input_norms(attn, hidden_states, temb)
         n, seq, _ = hidden_states.shape  # (N, S, C)
-        inner = attn.to_q.out_features
+        inner = attn.inner_dim  # (to_q may be a wrapper without out_features)
         head_dim = inner // attn.heads
         active = op_active(self.op)
         group = head_groups(attn.heads, 3 * n * seq * head_dim * hidden_states.element_size(), self.group_bytes)
-        out_proj = GroupedOutput(attn.to_out[0], n * seq, hidden_states)
+        out_proj = GroupedOutput(attn.to_out[0], n * seq, hidden_states, inner)
         for h0 in range(0, attn.heads, group):
             g = min(group, attn.heads - h0)
             cols = slice(h0 * head_dim, (h0 + g) * head_dim)
@@ -147,7 +154,7 @@ class OpAttnProcessor:
         cost 1.25x one 240-wide one on CPU). The stacked weights are built once per group and weight version.
         """
         projs = (attn.to_q, attn.to_k, attn.to_v)
-        if not all(type(p) is torch.nn.Linear for p in projs):  # e.g. LoRA-wrapped: project fully, then slice
+        if not all(plain_linear(p) for p in projs):  # LoRA-wrapped or offloaded: project fully, then slice
             return torch.cat([p(x)[..., cols] for p in projs], dim=-1)
         key = (cols.start, cols.stop, *(weight_key(p.weight) for p in projs))
         if self._stacked.get(cols.start, (None,))[0] != key:
@@ -165,15 +172,15 @@ class GroupedOutput:
     """``to_out[0]`` applied group by group: ``b + sum_g o_g W[:, cols_g]^T`` accumulated in place (plain Linear);
     any other module gets the concatenated input at the end."""
 
-    def __init__(self, linear: torch.nn.Module, rows: int, like: torch.Tensor):
+    def __init__(self, linear: torch.nn.Module, rows: int, like: torch.Tensor, in_features: int):
         self.linear = linear
-        if type(linear) is torch.nn.Linear:
+        if plain_linear(linear):
             self.acc = like.new_zeros(rows, linear.out_features)  # (N*S, C_out)
             if linear.bias is not None:
                 self.acc += linear.bias
             self.parts = None
         else:
-            self.acc, self.parts = None, like.new_empty(rows, linear.in_features)
+            self.acc, self.parts = None, like.new_empty(rows, in_features)
 
     def add(self, heads_out: torch.Tensor, cols: slice) -> None:
         if self.parts is not None:

@@ -107,8 +107,16 @@ def scheduler_state(scheduler) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 
 def load_scheduler_state(scheduler, tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None:
-    """Restore :func:`scheduler_state` onto a scheduler built from the same config."""
+    """Restore :func:`scheduler_state` onto a scheduler built from the same config. Only attributes the
+    scheduler has (after a step) are set: a checkpoint names data, never new attributes or methods."""
+    allowed = set(vars(scheduler)) | {"model_outputs", "timestep_list", "last_sample", "this_order",
+                                      "lower_order_nums", "_step_index", "_begin_index", "sample"}
     for name, value in data.items():
+        if name not in allowed or callable(getattr(type(scheduler), name, None)):
+            from longvid.errors import CheckpointError
+
+            raise CheckpointError(f"the checkpoint names an unknown scheduler attribute {name!r}; pass --restart to "
+                                  "discard it")
         setattr(scheduler, name, _decode(value, tensors))
 
 

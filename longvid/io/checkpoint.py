@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,18 +29,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from longvid.errors import LongvidError
+from longvid.errors import CheckpointError, LongvidError
 from longvid.io.paths import create_exclusive, fsync_file, partial_path, remove_quietly, sweep_stale
 
 FORMAT = 1
 #: Exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (EX_TEMPFAIL: rerun it).
 EXIT_CHECKPOINTED = 75
 #: Recipe keys that do not change the result, so a checkpoint made under other values still applies.
-_IGNORED = {"output": None, "runtime": ("checkpoint", "checkpoint_every", "threads")}
-
-
-class CheckpointError(LongvidError):
-    """A checkpoint that cannot be used (another recipe's, or unreadable)."""
+_IGNORED = {"output": None, "runtime": ("checkpoint", "checkpoint_every")}
 
 
 class Checkpointed(LongvidError):
@@ -56,9 +53,14 @@ class Checkpoint:
 
 
 def recipe_hash(recipe_dict: dict[str, Any]) -> str:
-    """sha256 of the resolved recipe's canonical JSON, without the keys that only place the output."""
+    """sha256 of the resolved recipe's canonical JSON, without the keys that only place or encode the output and
+    the checkpoint settings. Stages and methods keep their order (it changes the result); the rest is sorted."""
     content = {k: v for k, v in recipe_dict.items() if k != "output"}
     content["runtime"] = {k: v for k, v in recipe_dict.get("runtime", {}).items() if k not in _IGNORED["runtime"]}
+    for ordered in ("stages", "methods"):
+        content[ordered] = [[name, value] for name, value in (content.get(ordered) or {}).items()]
+    if isinstance(content.get("prompt"), dict):
+        content["prompt"] = sorted([int(k), v] for k, v in content["prompt"].items())
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -86,10 +88,11 @@ class CheckpointStore:
     def load(self) -> Checkpoint | None:
         """The checkpoint of this recipe, None when there is none; ``CheckpointError`` for another recipe's
         or an unreadable one (never silently ignored: it would be lost work or a wrong result)."""
+        fix = "pass --restart to discard it (restart=True in Python)"
+        self._check_folder(fix)
         sweep_stale(self.folder)  # temporaries of a writer killed mid-save
         if not self.exists():
             return None
-        fix = "pass --restart to discard it (restart=True in Python)"
         try:
             data = json.loads(self.state_file.read_text(encoding="utf-8"))
             if not isinstance(data, dict) or data.get("longvid_checkpoint") != FORMAT:
@@ -107,9 +110,32 @@ class CheckpointStore:
             raise CheckpointError(f"{self.folder}/ holds an unreadable checkpoint ({err}); {fix}") from err
         return Checkpoint(data, tensors)
 
+    def _check_folder(self, fix: str) -> None:
+        """The folder must be a real folder of this user: a symlink planted in a shared output folder would make
+        longvid write (and, with --restart, delete) elsewhere, and someone else's checkpoint is not trusted."""
+        try:
+            info = os.lstat(self.folder)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            what = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a folder"
+            raise CheckpointError(f"{self.folder} is {what}; remove it (longvid keeps checkpoints in a folder "
+                                  "of its own there)")
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise CheckpointError(f"{self.folder}/ belongs to another user; remove it or choose another --out")
+
     def save(self, data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Write a checkpoint atomically (see the module docstring); ``data`` must be JSON-serialisable."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Write a checkpoint atomically (see the module docstring); ``data`` must be JSON-serialisable.
+        An I/O failure (a full disk) is a ``CheckpointError``: the previous checkpoint, if any, stays whole."""
+        try:
+            self._save(data, tensors)
+        except OSError as err:
+            raise CheckpointError(f"cannot write a checkpoint to {self.folder}/ ({err.strerror or err}); free "
+                                  "some space or set runtime.checkpoint=off") from err
+
+    def _save(self, data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self._check_folder("")
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         name = f"state-{data.get('stage_index', 0)}-{data.get('step', 0):06d}-{uuid.uuid4().hex[:8]}.safetensors"
         payload = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}  # no shared storage
         text = json.dumps({"longvid_checkpoint": FORMAT, "recipe_hash": self.key, **data, "tensors_file": name},
@@ -128,7 +154,9 @@ class CheckpointStore:
                 remove_quietly(old)
 
     def discard(self) -> None:
-        """Remove the checkpoint folder (a finished run, or ``--restart``)."""
+        """Remove the checkpoint folder (a finished run, or ``--restart``); never follows a symlink there."""
+        if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
+            self._check_folder("")  # refuses with the reason
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

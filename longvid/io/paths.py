@@ -11,6 +11,7 @@ crash, a preemption or Ctrl-C never leaves a truncated file that a later "skip e
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -19,6 +20,7 @@ import socket
 import string
 import unicodedata
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
 from longvid.errors import LongvidError, OutputExistsError
@@ -88,10 +90,11 @@ def check_template(template: str, known: tuple[str, ...] | list[str] = TEMPLATE_
 
 #: The widest a single field may be formatted (``{seed:08d}`` is fine, ``{seed:099999d}`` is not).
 MAX_FIELD_WIDTH = 32
-#: Fields that only some commands fill in (``longvid batch`` numbers its items).
+#: Fields that only some commands fill in (a batch run numbers its items).
 BATCH_FIELDS = ("index",)
 _SAMPLE = {"recipe": "recipe", "prompt": "prompt", "seed": 0, "frames": 81, "width": 832, "height": 480,
            "date": "2026-01-01", "time": "000000", "index": 0}
+_LARGE = {**_SAMPLE, "seed": 2**64 - 1, "frames": 2049, "width": 4096, "height": 4096, "index": 10**9}
 _WIDTH = re.compile(r"^(?:.?[<>=^])?[+\- ]?z?#?0?(\d*)")
 
 
@@ -112,17 +115,19 @@ def template_problems(template: str, allowed: tuple[str, ...] = TEMPLATE_FIELDS)
                             f"{', '.join('{' + k + '}' for k in TEMPLATE_FIELDS if k in allowed)}")
             continue
         if field not in allowed:
-            problems.append(f"{{{field}}} has a value only in `longvid batch`; remove it here")
+            problems.append(f"{{{field}}} numbers the items of a batch run; a single generation has none")
             continue
         match = _WIDTH.match(spec or "")
         width = match.group(1) if match else ""
         if width and int(width) > MAX_FIELD_WIDTH:
             problems.append(f"{{{field}:{spec}}} is {width} characters wide; at most {MAX_FIELD_WIDTH}")
             continue
-        try:
-            _format_field(field, _SAMPLE, spec, conversion)
-        except ValueError as err:
-            problems.append(str(err))
+        for sample in (_SAMPLE, _LARGE):  # a spec that works for seed 0 may fail for seed 2**64-1 ({seed:c})
+            try:
+                _format_field(field, sample, spec, conversion)
+            except ValueError as err:
+                problems.append(str(err))
+                break
     return problems
 
 
@@ -179,7 +184,7 @@ def _format_field(field: str, values: dict[str, object], spec: str | None, conve
         value = str(value) if conversion == "s" else ascii(value)
     try:
         return format(value, spec or "")
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError) as err:
         raise ValueError(f"name template field {{{field}:{spec}}} cannot format {value!r}: {err}") from None
 
 
@@ -222,12 +227,21 @@ def check_output_folder(folder: str | os.PathLike, key: str = "output.dir", need
 
 
 #: ``.<final name>.<host>-<pid>-<random>.partial<suffix>``: whose temporary file it is, and unguessable.
-_PARTIAL = re.compile(r"^\.(?P<final>.+)\.(?P<host>[A-Za-z0-9_-]{1,20})-(?P<pid>\d+)-[0-9a-f]{16}\.partial"
+_PARTIAL = re.compile(r"^\.(?P<final>.+)\.(?P<host>[0-9a-f]{12})-(?P<pid>\d+)-[0-9a-f]{16}\.partial"
                       r"(?:\.[A-Za-z0-9]{1,8})?$")
 
 
+@lru_cache(maxsize=1)
 def _host() -> str:
-    return (re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host")[:20]
+    """This machine and pid namespace, as 12 hex digits: the full host name, the boot id and the pid namespace
+    (containers sharing a host name have their own pids), so a pid is only ever judged where it means something."""
+    parts = [socket.gethostname()]
+    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(Path(source).read_text().strip() if "boot" in source else str(os.stat(source).st_ino))
+        except OSError:
+            parts.append("-")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
 def partial_path(final: str | os.PathLike) -> Path:

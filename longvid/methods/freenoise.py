@@ -90,8 +90,9 @@ class FreeNoise(Method):
         if isinstance(recipe.prompt, dict) and spec.temporal_stride > 1 and config.fusion == "none":
             problems.append((f"{key}.fusion", "multi-prompt on a DiT assigns one prompt per context window; "
                                               "use fusion=auto or denoiser"))
-        if config.stride is not None and config.window is not None and config.stride > config.window:
-            problems.append((f"{key}.stride", f"must not exceed the window ({config.window}), got {config.stride}"))
+        if config.stride is not None and stride > window:  # in latent frames, the default window included
+            shown = config.window or spec.native_frames
+            problems.append((f"{key}.stride", f"must not exceed the window ({shown} frames), got {config.stride}"))
         return problems
 
     @classmethod

@@ -19,7 +19,7 @@ from longvid.core.context import AttentionSite, TokenLayout
 from longvid.core.hooks import replace_forward
 from longvid.core.processors import OpAttnProcessor
 from longvid.errors import ModelLoadError, Problem, RecipeError
-from longvid.models.base import Conditioning, ModelAdapter, from_pretrained, uses_cfg
+from longvid.models.base import Conditioning, ModelAdapter, from_pretrained, uses_cfg, vae_device
 from longvid.models.specs import ANIMATEDIFF
 from longvid.recipe.schema import Recipe, RuntimeConfig, SamplerConfig
 
@@ -91,7 +91,9 @@ class AnimateDiffAdapter(ModelAdapter):
         frames = x.shape[2]
         if embeds.shape[0] == x.shape[0]:  # one embedding per video -> one per frame
             embeds = embeds.repeat_interleave(frames, dim=0)
-        return self.pipe.unet(x, t, encoder_hidden_states=embeds).sample
+        unet = self.pipe.unet
+        x = x.to(unet.conv_in.weight.dtype)  # a refine stage hands float32 latents to an fp16 UNet (a no-op else)
+        return unet(x, t, encoder_hidden_states=embeds).sample
 
     # ---------------------------------------------------------------------------------- VAE streams
 
@@ -99,7 +101,7 @@ class AnimateDiffAdapter(ModelAdapter):
     def decode_stream(self, latents: torch.Tensor, runtime: RuntimeConfig | None = None) -> Iterator[torch.Tensor]:
         """Frames in [-1, 1], ``(B, 3, f, H, W)`` per ``runtime.decode_chunk`` frames (the SD VAE is per-frame)."""
         vae = self.pipe.vae
-        z = 1 / vae.config.scaling_factor * latents.to(vae.device)  # same op as AnimateDiffPipeline.decode_latents
+        z = 1 / vae.config.scaling_factor * latents.to(vae_device(vae, self.device))  # as AnimateDiffPipeline
         b, c, f, h, w = z.shape
         z = z.permute(0, 2, 1, 3, 4)  # (B, F, C, h, w)
         chunk = runtime.decode_chunk if runtime is not None else 16
@@ -116,7 +118,7 @@ class AnimateDiffAdapter(ModelAdapter):
         parts = []
         for chunk in chunks:
             b, _, f, hh, ww = chunk.shape
-            frames = chunk.permute(0, 2, 1, 3, 4).reshape(b * f, 3, hh, ww).to(vae.device, vae.dtype)
+            frames = chunk.permute(0, 2, 1, 3, 4).reshape(b * f, 3, hh, ww).to(vae_device(vae, self.device), vae.dtype)
             z = vae.encode(frames).latent_dist.mode() * vae.config.scaling_factor  # (B*f, C, h, w)
             parts.append(z.float().reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4))  # (B, C, f, h, w)
         return torch.cat(parts, dim=2)

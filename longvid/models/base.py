@@ -78,10 +78,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def vae_device(vae: torch.nn.Module, execution: torch.device) -> torch.device:
+    """Where a VAE's inputs go: where its weights are, or the execution device when accelerate's sequential
+    offload keeps them on the meta device until each layer runs (longvid streams through the VAE's submodules)."""
+    weight = next(vae.parameters(), None)
+    return execution if weight is not None and weight.device.type == "meta" else weight.device if weight is not None \
+        else execution
+
+
 def uses_cfg(sampler: SamplerConfig) -> bool:
-    """True when some denoiser of the run is guided (so the negative prompt must be encoded)."""
-    scales = [sampler.guidance_scale, sampler.guidance_scale_2]
-    return any(s is not None and s > 1.0 for s in scales)
+    """True when the run uses classifier-free guidance (so the negative prompt must be encoded): as in the
+    diffusers pipelines, ``guidance_scale > 1`` alone decides, for every expert."""
+    return sampler.guidance_scale is not None and sampler.guidance_scale > 1.0
 
 
 class ModelAdapter:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from longvid.core.context import AttentionSite, TokenLayout
-from longvid.core.processors import AttentionOp, GroupedOutput, head_groups, op_active
-from longvid.models.base import Conditioning, ModelAdapter, uses_cfg
+from longvid.core.processors import AttentionOp, GroupedOutput, head_groups, op_active, plain_linear
+from longvid.models.base import Conditioning, ModelAdapter, uses_cfg, vae_device
 from longvid.models.specs import WAN
 from longvid.recipe.schema import RuntimeConfig, SamplerConfig
 
@@ -93,8 +93,9 @@ class WanOpProcessor:
         heads = attn.heads
         if attn.fused_projections:
             q, k, v_all = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v_all = attn.to_q(hidden_states), attn.to_k(hidden_states), None
+        else:  # v per head group from the weight rows, unless to_v is wrapped (LoRA) or offloaded: call it then
+            q, k = attn.to_q(hidden_states), attn.to_k(hidden_states)
+            v_all = None if plain_linear(attn.to_v) else attn.to_v(hidden_states)
         q, k = attn.norm_q(q), attn.norm_k(k)  # (B, S, heads*D); the RMSNorm spans all heads
         head_dim = q.shape[-1] // heads
         active = op_active(self.op)
@@ -106,7 +107,7 @@ class WanOpProcessor:
         if active and getattr(self.op, "pre_rope", False) and rotary_emb is not None:
             rotary = WanRotary(rotary_emb, self.rope, (self.site.layout.frames, self.site.layout.height,
                                                        self.site.layout.width))
-        out_proj = GroupedOutput(attn.to_out[0], n * seq, hidden_states)
+        out_proj = GroupedOutput(attn.to_out[0], n * seq, hidden_states, attn.inner_dim)
         for h0 in range(0, heads, group):
             cols = slice(h0 * head_dim, min(h0 + group, heads) * head_dim)
             v = v_all[..., cols] if v_all is not None else F.linear(hidden_states, attn.to_v.weight[cols],
@@ -196,7 +197,7 @@ class WanAdapter(ModelAdapter):
         from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
         vae = self.pipe.vae
-        z = latents.to(vae.device, vae.dtype)
+        z = latents.to(vae_device(vae, self.device), vae.dtype)
         mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
         z = z / inv_std + mean  # same op order as WanPipeline for bit-exactness
@@ -219,7 +220,7 @@ class WanAdapter(ModelAdapter):
         cache = [None] * vae._cached_conv_counts["encoder"]
         parts = []
         for chunk in chunks:  # (B, 3, f, H, W)
-            x = chunk.to(vae.device, vae.dtype)
+            x = chunk.to(vae_device(vae, self.device), vae.dtype)
             if vae.config.patch_size is not None:
                 x = patchify(x, patch_size=vae.config.patch_size)
             parts.append(vae.encoder(x, feat_cache=cache, feat_idx=[0]))  # (B, 2C, f', h, w)

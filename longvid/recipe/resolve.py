@@ -87,6 +87,8 @@ def resolve(
     for key, value in text.items():
         problem = _text_problem(key, value)
         if problem is None:
+            if key == "prompt" and isinstance(value, Mapping):
+                value = _prompt_keys(value)[0]
             setattr(result, key, "" if value is None else value)
         else:
             problems.append(problem)
@@ -166,13 +168,30 @@ def _interpolations(tree: Any, prefix: str, label: str = "") -> list[Problem]:
     return []
 
 
+def _prompt_keys(value: Mapping) -> tuple[dict[int, Any] | None, Problem | None]:
+    """A ``{frame: prompt}`` mapping with integer keys (YAML gives ints, a JSON sidecar strings): ``"16"`` and
+    16 are the same frame, so both at once is refused rather than one silently dropped."""
+    out: dict[int, Any] = {}
+    for key, text in value.items():
+        try:
+            frame = int(str(key).strip()) if not isinstance(key, bool) else None
+        except ValueError:
+            frame = None
+        if frame is None:
+            return None, Problem("prompt", f"multi-prompt keys must be frame numbers, got {key!r}")
+        if frame in out:
+            return None, Problem("prompt", f"frame {frame} has two prompts (keys {frame} and '{frame}')")
+        out[frame] = text
+    return out, None
+
+
 def _text_problem(key: str, value: Any) -> Problem | None:
     """Free text must be text (a multi-prompt mapping for ``prompt``): YAML turns ``007`` into 7, ``no`` into
     False and an empty value into null, so those are refused with how to write them."""
     if value is None or isinstance(value, str):
         return None
     if key == "prompt" and isinstance(value, Mapping):
-        return None  # {frame: prompt}; validate() checks keys and values
+        return _prompt_keys(value)[1]  # {frame: prompt}; validate() checks frames and values
     return Problem(key, f"expected text, got {type(value).__name__} {value!r}; quote it in YAML "
                         f"('{key}: \"...\"') or use the command-line option")
 

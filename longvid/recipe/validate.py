@@ -99,6 +99,10 @@ def _check_output(recipe: Recipe) -> list[Problem]:
         problems.append(Problem("output.name", "must not be empty; e.g. {recipe}-{prompt}-{seed}"))
     allowed = tuple(f for f in TEMPLATE_FIELDS if f not in BATCH_FIELDS)
     problems += [Problem("output.name", message) for message in template_problems(out.name, allowed)]
+    clock = [f for f in ("date", "time") if "{" + f in out.name]
+    if clock and recipe.runtime.checkpoint != "off":
+        problems.append(Problem("output.name", f"{{{clock[0]}}} changes on every run, so a rerun would not find its "
+                                               "checkpoint; remove it or set runtime.checkpoint=off"))
     if out.codec != "ffv1" and out.preset not in X264_PRESETS:
         problems.append(Problem("output.preset", f"unknown {out.codec} preset '{out.preset}'"
                                                  f"{registry.suggest(out.preset, X264_PRESETS)}; one of "
@@ -246,6 +250,9 @@ def _check_prompt(recipe: Recipe) -> list[Problem]:
         return [Problem("prompt", f"multi-prompt keys must be frame numbers, got {sorted(map(str, prompt))}")]
     if frames[0] != 0:
         problems.append(Problem("prompt", f"multi-prompt needs a prompt at frame 0 (first key is {frames[0]})"))
+    if recipe.stages and any(st.num_frames not in (None, recipe.video.num_frames) for st in recipe.stages.values()):
+        problems.append(Problem("prompt", "keyframes are frames of the output; a stage with another frame count "
+                                          "cannot take a {frame: prompt} mapping (use one prompt there)"))
     n = recipe.video.num_frames
     if n is not None and frames[-1] >= n:
         problems.append(Problem("prompt", f"prompt key {frames[-1]} is beyond the last frame ({n - 1})"))

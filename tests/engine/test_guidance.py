@@ -65,6 +65,19 @@ def test_second_expert_uses_guidance_scale_2():
     assert expert_scales(SamplerConfig(guidance_scale=5.0)) == (5.0, 5.0)
 
 
+@pytest.mark.parametrize("g1, g2, expected_high, expected_low", [
+    (5.0, 0.8, 9.0, 0.6),   # CFG on: the low-noise expert blends with 0.8 (WanPipeline does), -1 + 0.8 * 2
+    (1.0, 5.0, 1.0, 1.0),   # CFG off: guidance_scale alone decides, for both experts (cond only)
+])
+def test_cfg_on_or_off_follows_guidance_scale_alone(g1, g2, expected_high, expected_low):
+    adapter = FakeAdapter(batched=False, experts=2)
+    adapter.ctx = GenerationContext(5, 8, 8, 5, 1, 1)
+    denoise = guided(adapter, SamplerConfig(guidance_scale=g1, guidance_scale_2=g2), adapter.ctx)
+    x = torch.zeros(1, 1, 1, 1, 1)
+    assert denoise(x, torch.tensor(900.0), _cond()).item() == pytest.approx(expected_high)
+    assert denoise(x, torch.tensor(100.0), _cond()).item() == pytest.approx(expected_low)
+
+
 def test_wan_guidance_order_through_the_real_model(tiny_wan_dir):
     """Wan runs cond then uncond (WanPipeline's order); an op sees ctx.cfg_branch of the call it is in."""
     from longvid import runner

@@ -244,3 +244,12 @@ def test_flow_match_euler_without_scale_model_input_runs_two_stages(tmp_path):
                                     ["sampler.steps=4"]), write=False)
     assert torch.isfinite(result.latents).all() and result.latents.shape == (1, 16, 3, 4, 6)
     assert (result.latents - unipc.latents).abs().max() > 1e-3  # really another sampler
+
+
+def test_a_float16_unet_takes_the_float32_hand_off():
+    """The hand-off encodes in float32; an fp16 UNet (the GPU default) must still run the refine stage."""
+    mapping = two_stage(animatediff_recipe("tiny:animatediff", num_frames=8, height=32, width=32), base=(16, 16))
+    mapping["model"].update(dtype="float16", text_encoder_dtype="float16")
+    mapping["sampler"]["steps"] = 2
+    result = runner.generate(resolve(mapping), write=False)
+    assert torch.isfinite(result.latents.float()).all() and result.latents.shape[-2:] == (16, 16)

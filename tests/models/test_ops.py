@@ -200,3 +200,25 @@ def test_resolve_reports_two_methods_on_the_same_sites():
     mapping["methods"] = {"freenoise": {"fusion": "layer", "stages": ["base"]}, "freelong": {"stages": ["refine"]}}
     resolved = resolve(mapping)
     assert set(resolved.methods) == {"freenoise", "freelong"}
+
+
+def test_a_wrapped_projection_is_called_not_bypassed():
+    """A LoRA-like wrapper (or an offloaded layer) on to_v / to_out must run as a module: the head-group fast
+    path reads raw weights only from a bare nn.Linear."""
+    attn, rope, site, x, rotary = _wan_attention()
+
+    class Doubled(torch.nn.Module):  # stands for a LoRA layer: another type around the same Linear
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, h):
+            return self.inner(h) * 2
+
+    attn.to_v = Doubled(attn.to_v)
+    attn.to_out[0] = Doubled(attn.to_out[0])
+    ref = _vanilla(attn, x, rotary)
+    attn.set_processor(WanOpProcessor(site, sdpa, rope, group_bytes=1))
+    with torch.no_grad():
+        ours = attn(x, None, None, rotary)
+    assert (ours - ref).abs().max() <= 1e-5 and ref.abs().max() > 0.1

@@ -254,3 +254,13 @@ def test_sidecar_json_is_a_recipe(tmp_path):
     assert (again.seed, again.sampler.steps, again.prompt) == (5, 3, "a fox: 007 # [x]")
     # and it layers like any recipe
     assert resolve(path, ["seed=6"], {"output.dir": str(tmp_path / "b")}).seed == 6
+
+
+def test_multi_prompt_keys_are_frames_whatever_their_type():
+    """YAML gives int keys, a JSON sidecar strings: both are frames; one frame twice is refused, not dropped."""
+    base = {**WAN_TINY, "methods": {"freenoise": {}}}
+    r = resolve({**base, "prompt": {0: "a", "16": "b"}})
+    assert r.prompt == {0: "a", 16: "b"}
+    err = _error({**base, "prompt": {0: "a", "0": "b"}})
+    assert str(err) == "prompt: frame 0 has two prompts (keys 0 and '0')"
+    assert "must be frame numbers" in str(_error({**base, "prompt": {0: "a", "x": "b"}}))
