@@ -21,6 +21,10 @@ MODELS: dict[str, tuple[str, str]] = {
 METHODS: dict[str, str] = {
     "freenoise": "longvid.methods.freenoise:FreeNoise",
     "freelong": "longvid.methods.freelong:FreeLong",
+    "riflex": "longvid.methods.rope_extrapolation:Riflex",
+    "ntk": "longvid.methods.rope_extrapolation:Ntk",
+    "pi": "longvid.methods.rope_extrapolation:PositionInterpolation",
+    "yarn": "longvid.methods.rope_extrapolation:Yarn",
 }
 
 

@@ -38,7 +38,7 @@ def test_engine_bench_quick(tmp_path):
     calls = {r["model"]: r["calls_per_step"] for r in report["overhead"]}
     assert calls == {"tiny:wan": 2, "tiny:animatediff": 1, "mid-wan": 2}  # Wan: cond + uncond; AnimateDiff: batched
     mid, tiny = (next(r for r in report["overhead"] if r["model"] == m) for m in ("mid-wan", "tiny:wan"))
-    assert mid["params_m"] > 50 * tiny["params_m"]  # really a larger network
+    assert mid["params_m"] > 20 * tiny["params_m"]  # really a larger network
     for g, r in zip(report["glue"], report["overhead"]):
         assert g["old_median_s"] < r["old_median_s"]  # the networks really were skipped
 

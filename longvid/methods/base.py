@@ -65,6 +65,12 @@ class Method:
         (the contract tests check it). Long-video methods whose windows default to the native length need none."""
         return {}
 
+    @classmethod
+    def active_settings(cls, spec: Any) -> dict[str, Any]:
+        """Settings under which the method visibly acts on a 2x-native-length video of ``spec`` (the contract
+        tests check it does). Most methods act with their defaults; a gated one may need its gate opened."""
+        return {}
+
     def noise_builder(self, adapter: Any) -> Callable | None:
         """An initial-noise builder ``(shape, generator, *, dtype, device, frame_dim) -> Tensor``, or None."""
         return None

@@ -276,14 +276,18 @@ class ModelAdapter:
 
         A second method on the same site is refused: its changes would silently replace the first one's.
         """
-        holder = self._owners.get(id(site.module))
+        return self.claim_module(site.module, f"attention site {site.name}", owner)
+
+    def claim_module(self, module: torch.nn.Module, what: str, owner: str) -> Callable[[], None]:
+        """Mark any patched module (an attention site, a RoPE module) as method ``owner``'s; returns the release."""
+        holder = self._owners.get(id(module))
         if holder is not None and holder != owner:
-            raise MethodError(f"methods.{owner}: attention site {site.name} is already patched by methods.{holder}; "
-                              f"use one attention method per site (scope them to different stages)")
+            raise MethodError(f"methods.{owner}: {what} is already patched by methods.{holder}; use one method "
+                              f"per site (scope them to different stages)")
         if holder == owner:
             return lambda: None
-        self._owners[id(site.module)] = owner
-        return lambda: self._owners.pop(id(site.module), None)
+        self._owners[id(module)] = owner
+        return lambda: self._owners.pop(id(module), None)
 
     @contextlib.contextmanager
     def prepared(self, num_frames: int) -> Iterator[None]:

@@ -29,6 +29,8 @@ class FamilySpec:
             ``full``, ``cross``), so methods can say what they patch before anything loads.
         scheduler: the diffusers scheduler class the family's checkpoints ship (``sampler.scheduler_config``
             keys are checked against it when ``sampler.scheduler`` is unset).
+        rope_theta: the base of the family's rotary positions, or None without RoPE.
+        riflex_k: RIFLEx's intrinsic temporal frequency (1-based) for the family, or None without a preset.
     """
 
     name: str
@@ -44,6 +46,8 @@ class FamilySpec:
     patch_spatial: int = 1
     attention_kinds: tuple[str, ...] = ()
     scheduler: str = ""
+    rope_theta: float | None = None
+    riflex_k: int | None = None
 
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames for ``num_frames`` video frames (Wan: (F-1)/4 + 1)."""
@@ -70,6 +74,10 @@ WAN = FamilySpec(
     patch_spatial=2,
     attention_kinds=("full", "cross"),
     scheduler="UniPCMultistepScheduler",
+    rope_theta=10000.0,
+    # Wan's temporal band (44 dims) has periods 6, 10, 15, 22, 34, 51, 77, 118 latent frames; repetition shows at
+    # ~51 latent frames (201 video frames), so k = 6 (N_k = 51), the community preset (no official Wan preset).
+    riflex_k=6,
     defaults={
         "video": {"num_frames": 81, "height": 480, "width": 832, "fps": 16},
         "sampler": {"steps": 50, "guidance_scale": 5.0, "max_sequence_length": 512},

@@ -59,7 +59,8 @@ def _wan_transformer(channels: int = 16):
     from diffusers import WanTransformer3DModel
 
     # rope_max_seq_len as in the real models (1024) so long-video tests never run off the RoPE table.
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+    # head dim 36 splits into a 12-dim temporal RoPE band (6 frequencies, as RIFLEx's Wan preset k = 6 needs)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=36,
                                  in_channels=channels, out_channels=channels, text_dim=32, freq_dim=32, ffn_dim=32,
                                  num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                  rope_max_seq_len=1024)

@@ -347,9 +347,9 @@ def _check_methods(recipe: Recipe, spec) -> list[Problem]:
                 registry.method_class(other).patched_sites(recipe.methods[other], spec)
             if shared and kinds:
                 where = f" in stage {shared[0]}" if recipe.stages else ""
-                problems.append(Problem(f"methods.{name}", f"patches the same {'/'.join(sorted(kinds))} attention "
-                                                           f"sites as methods.{other}{where} (one attention method per "
-                                                           f"site); remove one or scope them to different stages "
-                                                           f"(methods.{name}.stages)"))
+                what = "RoPE" if kinds == {"rope"} else f"{'/'.join(sorted(kinds))} attention sites"
+                problems.append(Problem(f"methods.{name}", f"patches the same {what} as methods.{other}{where} (one "
+                                                           f"method per site); remove one or scope them to different "
+                                                           f"stages (methods.{name}.stages)"))
         problems += [Problem(k, m) for k, m in cls.check(recipe.methods[name], recipe, spec)]
     return problems
