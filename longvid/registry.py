@@ -25,6 +25,7 @@ METHODS: dict[str, str] = {
     "ntk": "longvid.methods.rope_extrapolation:Ntk",
     "pi": "longvid.methods.rope_extrapolation:PositionInterpolation",
     "yarn": "longvid.methods.rope_extrapolation:Yarn",
+    "ultravico": "longvid.methods.ultravico:UltraViCo",
 }
 
 
