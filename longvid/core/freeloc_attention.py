@@ -1,0 +1,77 @@
+"""FreeLOC's two attention treatments as branch lists for :func:`longvid.core.branch_attention.branch_attention`.
+
+Membership and positions come straight from the pure geometry (``core/freeloc_geometry.py``, checked against the
+notes' reference values); this module only adds, per branch, which keys a block of queries can have, so each
+branch scores a band or a set of raster stripes instead of the whole sequence:
+
+- VRPR: five contiguous token bands (diag, mid-past/future, far-past/future);
+- TSA: the original-position branch split (exactly: disjoint parts of one softmax) into the dense band, the
+  raster stripes of frame distances 8..24 (gathered per frame around the block's in-frame positions) and the
+  first-frame column, plus the past and future sinks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longvid.core.branch_attention import Branch, band
+from longvid.core.freeloc_geometry import (TSA_WINDOW_1, TSA_WINDOW_2, VrprSettings, round_up, sink_future_frame,
+                                           stripe_width, tsa_branch, tsa_positions, vrpr_branch, vrpr_positions)
+
+Tensor = torch.Tensor
+
+
+def vrpr_branches(grid: tuple[int, int, int], settings: VrprSettings, round_to: int = 128,
+                  gap_fix: bool = False) -> list[Branch]:
+    f, h, w = grid
+    p, seq = h * w, f * h * w
+    w1tok, w2tok = round_up(p * settings.w1, round_to), round_up(p * settings.w2, round_to)
+    diag = w1tok - 1 if gap_fix else (settings.w1 - 1) * p
+    ranges = [(-diag, diag), (-w2tok + 1, -w1tok), (w1tok, w2tok - 1), (-seq, -w2tok), (w2tok, seq)]  # n − m
+
+    def branch(b: int) -> Branch:
+        return Branch(positions=lambda frames: vrpr_positions(frames, b, settings),
+                      member=lambda m, n: vrpr_branch(m, n, p, settings, round_to, gap_fix) == b,
+                      candidates=band(*ranges[b], seq))
+
+    return [branch(b) for b in range(5)]
+
+
+def tsa_branches(grid: tuple[int, int, int], round_to: int = 128, sink_future: str = "auto") -> list[Branch]:
+    f, h, w = grid
+    p, seq = h * w, f * h * w
+    d1, d2 = round_up(TSA_WINDOW_1 * p, round_to), round_up(TSA_WINDOW_2 * p, round_to)
+    first = round_up(p, round_to)
+    last = round_up(sink_future_frame(f, sink_future) * p, round_to)
+    width = stripe_width(p)
+
+    def which(m, n):
+        return tsa_branch(m, n, p, f, round_to, sink_future)
+
+    def original(m, n):
+        return which(m, n) == 0
+
+    def stripes(q0: int, q1: int) -> Tensor:
+        """Keys at frame distances 8..24 (token distance (d1, d2]) near the block's in-frame positions."""
+        inside = torch.arange(q0, q1) % p
+        lo, hi = (0, p) if q1 - q0 >= p or inside[0] > inside[-1] else (max(0, int(inside[0]) - width + 1),
+                                                                       min(p, int(inside[-1]) + width))
+        frames = range(max(0, (q0 - d2) // p), min(f, (q1 - 1 + d2) // p + 1))
+        if width <= 0 or hi <= lo or not frames:  # a stripe narrower than one token holds nothing
+            return torch.arange(0)
+        keys = torch.cat([torch.arange(j * p + lo, j * p + hi) for j in frames])
+        delta = keys[None, :] - torch.arange(q0, q1)[:, None]
+        near = ((delta.abs() > d1) & (delta.abs() <= d2)).any(0)
+        return keys[near]
+
+    zero = lambda frames: tsa_positions(frames, 0)  # noqa: E731
+    return [
+        Branch(zero, lambda m, n: original(m, n) & ((m - n).abs() <= d1), band(-d1, d1, seq)),
+        Branch(zero, lambda m, n: original(m, n) & ((m - n).abs() > d1) & (n >= first), stripes),
+        Branch(zero, lambda m, n: original(m, n) & ((m - n).abs() > d1) & (n < first),
+               lambda q0, q1: torch.arange(min(first, seq))),
+        Branch(lambda frames: tsa_positions(frames, 1), lambda m, n: which(m, n) == 1,
+               lambda q0, q1: torch.arange(min(first, seq))),
+        Branch(lambda frames: tsa_positions(frames, 2), lambda m, n: which(m, n) == 2,
+               lambda q0, q1: torch.arange(min(last + 1, seq), seq)),
+    ]
