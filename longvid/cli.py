@@ -184,6 +184,56 @@ def generate(
 
 @app.command()
 @friendly
+def probe(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    out_file: Annotated[str, typer.Option("--out", "-o", help="The preset JSON to write.")] = "",
+    prompts: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A probe prompt (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing preset file.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+):
+    """Probe every self-attention layer for FreeLOC (VRPR or TSA) at the recipe's length; write a layer preset.
+
+    \b
+    Examples:
+      longvid probe --recipe freeloc-wan-4x --out presets/my-wan.json
+      longvid generate --recipe freeloc-wan-4x methods.freeloc.preset=presets/my-wan.json
+    """
+    from longvid.recipe.resolve import resolve
+
+    if not out_file:
+        raise RecipeError([Problem("--out", "name the preset JSON to write, e.g. --out presets/my-wan.json")])
+    resolved = resolve(recipe, overrides or [])
+    if resolved.model.family != "wan":
+        raise RecipeError([Problem("model.family", f"FreeLOC probing needs a Wan model, got {resolved.model.family}")])
+    target = Path(out_file).expanduser()
+    if target.is_dir() or (target.exists() and not overwrite):
+        what = "is a folder" if target.is_dir() else "already exists; pass --overwrite to replace it"
+        raise RecipeError([Problem("--out", f"{target} {what}")])
+    _quiet_libraries()
+    from longvid.probe import DEFAULT_PROMPTS, probe as run_probe, write_preset
+    from longvid.runner import load_adapter
+
+    adapter = load_adapter(resolved)
+    try:
+        adapter.check_run(resolved)
+        if quiet:
+            preset = run_probe(adapter, resolved, tuple(prompts or DEFAULT_PROMPTS))
+        else:
+            with _progress() as progress:
+                preset = run_probe(adapter, resolved, tuple(prompts or DEFAULT_PROMPTS),
+                                   progress=lambda done, total: progress("probe", done, total))
+    finally:
+        adapter.close()
+    write_preset(preset, target)
+    for den, layers in preset["tsa"].items():
+        total = len(preset["relative_change"][den])
+        err.print(f"{den}: TSA on layers {layers} ({len(layers)} of {total}), VRPR on the other {total - len(layers)}")
+    err.print(f"wrote {target}; use it with methods.freeloc.preset={target}")
+
+
+@app.command()
+@friendly
 def show(recipe: Annotated[str, typer.Argument(help="Built-in recipe name or YAML path.")],
          overrides: Overrides = None, interpolate: InterpolateOpt = False):
     """Print the resolved recipe (all layers applied, stages in order). Loads no model.

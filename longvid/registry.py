@@ -26,6 +26,7 @@ METHODS: dict[str, str] = {
     "pi": "longvid.methods.rope_extrapolation:PositionInterpolation",
     "yarn": "longvid.methods.rope_extrapolation:Yarn",
     "ultravico": "longvid.methods.ultravico:UltraViCo",
+    "freeloc": "longvid.methods.freeloc:FreeLoc",
 }
 
 
