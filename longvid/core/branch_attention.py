@@ -51,18 +51,30 @@ def rotated(x: Tensor, rotary, temporal: Tensor, grid: tuple[int, int, int]) -> 
 
 
 def branch_attention(q: Tensor, k: Tensor, v: Tensor, rotary, branches: list[Branch], grid: tuple[int, int, int],
-                     block: int = 256, mask_bytes: int = 256 << 20, cache: dict | None = None) -> Tensor:
+                     block: int = 256, mask_bytes: int = 256 << 20, cache: dict | None = None,
+                     backend: str = "auto") -> Tensor:
     """Union softmax over ``branches`` for un-rotated ``q``, ``k`` (N, heads, S, D) on the token ``grid``
-    (F, H, W); returns (N, heads, S, D) in ``v``'s dtype. ``cache`` keeps per-geometry plans between calls."""
+    (F, H, W); returns (N, heads, S, D) in ``v``'s dtype. ``cache`` keeps per-geometry plans between calls.
+
+    ``backend``: ``flex`` (one ``flex_attention`` call per branch with a block mask built once per geometry and
+    its log-sum-exp, compiled on CUDA), ``blocked`` (the exact query-block loop), ``auto`` = flex on CUDA.
+    """
     n_, heads, seq, dim = q.shape
     f, h, w = grid
     frame = torch.arange(seq) // (h * w)  # (S,)
     scale = 1.0 / math.sqrt(dim)
-    plan = _plan(branches, seq, block, mask_bytes, cache)
+    if backend == "auto":
+        backend = "flex" if q.is_cuda else "blocked"
     pairs = []
     for branch in branches:
         qpos, kpos = branch.positions(frame)
-        pairs.append((rotated(q, rotary, qpos, grid).float(), rotated(k, rotary, kpos, grid).float()))
+        pairs.append((rotated(q, rotary, qpos, grid), rotated(k, rotary, kpos, grid)))
+    if backend == "flex":
+        return _flex(pairs, v, branches, seq, cache)
+    if backend != "blocked":
+        raise ValueError(f"backend must be 'auto', 'flex' or 'blocked', got {backend!r}")
+    pairs = [(qb.float(), kb.float()) for qb, kb in pairs]
+    plan = _plan(branches, seq, block, mask_bytes, cache)
     vf = v.float()
     out = torch.empty(n_, heads, seq, dim, device=q.device, dtype=torch.float32)
     for q0, q1, entries in plan:
@@ -81,6 +93,39 @@ def branch_attention(q: Tensor, k: Tensor, v: Tensor, rotary, branches: list[Bra
             take = torch.exp(part_lse - merged).nan_to_num(0.0).unsqueeze(-1)
             acc, lse = acc * keep + part * take, merged
         out[:, :, q0:q1] = acc
+    return out.to(v.dtype)
+
+
+_COMPILED: dict = {}
+
+
+def _flex(pairs, v: Tensor, branches: list[Branch], seq: int, cache: dict | None) -> Tensor:
+    """One ``flex_attention`` per branch on its block mask, merged by the returned log-sum-exps."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    kernel = flex_attention
+    if v.is_cuda:  # eager flex materialises the scores; compiled it skips empty blocks in a fused kernel
+        kernel = _COMPILED.setdefault("flex", torch.compile(flex_attention, dynamic=False))
+    out = lse = None
+    for b, ((qb, kb), branch) in enumerate(zip(pairs, branches)):
+        key = ("block_mask", seq, b, id(branch.member), str(v.device))
+        if cache is None or key not in cache:
+            def mask_mod(batch, head, q_idx, kv_idx, member=branch.member):
+                return member(q_idx, kv_idx)
+
+            mask = create_block_mask(mask_mod, None, None, seq, seq, device=str(v.device), _compile=v.is_cuda)
+            if cache is not None:
+                cache[key] = mask
+        mask = cache[key] if cache is not None else mask
+        part, part_lse = kernel(qb, kb.to(qb.dtype), v.to(qb.dtype), block_mask=mask, return_lse=True)
+        part, part_lse = part.float(), part_lse.float()  # (N, h, S, D), (N, h, S); -inf where no key
+        if out is None:
+            out, lse = torch.where(torch.isinf(part_lse).unsqueeze(-1), 0.0, part), part_lse
+            continue
+        merged = torch.logaddexp(lse, part_lse)
+        keep = torch.exp(lse - merged).nan_to_num(0.0).unsqueeze(-1)
+        take = torch.exp(part_lse - merged).nan_to_num(0.0).unsqueeze(-1)
+        out, lse = out * keep + part.nan_to_num(0.0) * take, merged
     return out.to(v.dtype)
 
 

@@ -1,8 +1,9 @@
 """FreeLOC's two attention treatments as branch lists for :func:`longvid.core.branch_attention.branch_attention`.
 
 Membership and positions come straight from the pure geometry (``core/freeloc_geometry.py``, checked against the
-notes' reference values); this module only adds, per branch, which keys a block of queries can have, so each
-branch scores a band or a set of raster stripes instead of the whole sequence:
+notes' reference values; the membership predicates are elementwise, so ``flex_attention`` can trace them into
+block masks); this module only adds, per branch, which keys a block of queries can have, so the CPU path scores
+a band or a set of raster stripes instead of the whole sequence:
 
 - VRPR: five contiguous token bands (diag, mid-past/future, far-past/future);
 - TSA: the original-position branch split (exactly: disjoint parts of one softmax) into the dense band, the
@@ -16,7 +17,7 @@ import torch
 
 from longvid.core.branch_attention import Branch, band
 from longvid.core.freeloc_geometry import (TSA_WINDOW_1, TSA_WINDOW_2, VrprSettings, round_up, sink_future_frame,
-                                           stripe_width, tsa_branch, tsa_positions, vrpr_branch, vrpr_positions)
+                                           stripe_width, tsa_member, tsa_positions, vrpr_member, vrpr_positions)
 
 Tensor = torch.Tensor
 
@@ -31,7 +32,7 @@ def vrpr_branches(grid: tuple[int, int, int], settings: VrprSettings, round_to: 
 
     def branch(b: int) -> Branch:
         return Branch(positions=lambda frames: vrpr_positions(frames, b, settings),
-                      member=lambda m, n: vrpr_branch(m, n, p, settings, round_to, gap_fix) == b,
+                      member=lambda m, n: vrpr_member(m, n, b, p, settings, round_to, gap_fix),
                       candidates=band(*ranges[b], seq))
 
     return [branch(b) for b in range(5)]
@@ -45,11 +46,8 @@ def tsa_branches(grid: tuple[int, int, int], round_to: int = 128, sink_future: s
     last = round_up(sink_future_frame(f, sink_future) * p, round_to)
     width = stripe_width(p)
 
-    def which(m, n):
-        return tsa_branch(m, n, p, f, round_to, sink_future)
-
     def original(m, n):
-        return which(m, n) == 0
+        return tsa_member(m, n, 0, p, f, round_to, sink_future)
 
     def stripes(q0: int, q1: int) -> Tensor:
         """Keys at frame distances 8..24 (token distance (d1, d2]) near the block's in-frame positions."""
@@ -70,8 +68,8 @@ def tsa_branches(grid: tuple[int, int, int], round_to: int = 128, sink_future: s
         Branch(zero, lambda m, n: original(m, n) & ((m - n).abs() > d1) & (n >= first), stripes),
         Branch(zero, lambda m, n: original(m, n) & ((m - n).abs() > d1) & (n < first),
                lambda q0, q1: torch.arange(min(first, seq))),
-        Branch(lambda frames: tsa_positions(frames, 1), lambda m, n: which(m, n) == 1,
+        Branch(lambda frames: tsa_positions(frames, 1), lambda m, n: tsa_member(m, n, 1, p, f, round_to, sink_future),
                lambda q0, q1: torch.arange(min(first, seq))),
-        Branch(lambda frames: tsa_positions(frames, 2), lambda m, n: which(m, n) == 2,
+        Branch(lambda frames: tsa_positions(frames, 2), lambda m, n: tsa_member(m, n, 2, p, f, round_to, sink_future),
                lambda q0, q1: torch.arange(min(last + 1, seq), seq)),
     ]

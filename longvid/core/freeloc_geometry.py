@@ -90,19 +90,29 @@ def vrpr_settings(latent_frames: int) -> VrprSettings:
     return VrprSettings(w1, w2, g1, g2)
 
 
-def vrpr_branch(m: Tensor, n: Tensor, tokens_per_frame: int, s: VrprSettings, round_to: int = 128,
+def vrpr_member(m: Tensor, n: Tensor, branch: int, tokens_per_frame: int, s: VrprSettings, round_to: int = 128,
                 gap_fix: bool = False) -> Tensor:
-    """Branch of each (query m, key n) pair: 0..4 as in the module docstring, −1 for none (the gap)."""
+    """Whether (query m, key n) pairs are in VRPR ``branch`` (elementwise, traceable by ``flex_attention``)."""
     p = tokens_per_frame
     delta = m - n
     w1tok, w2tok = round_up(p * s.w1, round_to), round_up(p * s.w2, round_to)
-    diag = delta.abs() < w1tok if gap_fix else delta.abs() <= (s.w1 - 1) * p
-    branch = torch.full(delta.shape, -1, dtype=torch.int8, device=delta.device)
-    branch[diag] = 0
-    branch[(delta >= w1tok) & (delta < w2tok)] = 1
-    branch[(delta > -w2tok) & (delta <= -w1tok)] = 2
-    branch[delta >= w2tok] = 3
-    branch[delta <= -w2tok] = 4
+    if branch == 0:
+        return delta.abs() < w1tok if gap_fix else delta.abs() <= (s.w1 - 1) * p
+    if branch == 1:
+        return (delta >= w1tok) & (delta < w2tok)
+    if branch == 2:
+        return (delta > -w2tok) & (delta <= -w1tok)
+    if branch == 3:
+        return delta >= w2tok
+    return delta <= -w2tok
+
+
+def vrpr_branch(m: Tensor, n: Tensor, tokens_per_frame: int, s: VrprSettings, round_to: int = 128,
+                gap_fix: bool = False) -> Tensor:
+    """Branch of each (query m, key n) pair: 0..4 as in the module docstring, −1 for none (the gap)."""
+    branch = torch.full(torch.broadcast_shapes(m.shape, n.shape), -1, dtype=torch.int8, device=m.device)
+    for b in range(5):
+        branch = torch.where(vrpr_member(m, n, b, tokens_per_frame, s, round_to, gap_fix), b, branch)
     return branch
 
 
@@ -174,20 +184,30 @@ def sink_future_frame(latent_frames: int, mode: str = "auto") -> int:
     raise ValueError(f"sink_future must be 'auto' or 'official', got {mode!r}")
 
 
-def tsa_branch(m: Tensor, n: Tensor, tokens_per_frame: int, latent_frames: int, round_to: int = 128,
+def tsa_member(m: Tensor, n: Tensor, branch: int, tokens_per_frame: int, latent_frames: int, round_to: int = 128,
                sink_future: str = "auto") -> Tensor:
-    """Branch of each (query m, key n) pair: 0 diag, 1 sink-past, 2 sink-future, −1 none."""
+    """Whether (query m, key n) pairs are in TSA ``branch`` 0, 1 or 2 (elementwise, traceable by flex)."""
     p = tokens_per_frame
     delta = m - n
     d1, d2 = round_up(TSA_WINDOW_1 * p, round_to), round_up(TSA_WINDOW_2 * p, round_to)
     first = round_up(p, round_to)
-    stripe = ((m % p) - (n % p)).abs() < stripe_width(p)
-    diag = (delta.abs() <= d1) | ((delta.abs() > d1) & (delta.abs() <= d2) & stripe) | ((n < first) & (delta.abs() <= d2))
-    branch = torch.full(delta.shape, -1, dtype=torch.int8, device=delta.device)
-    branch[diag] = 0
-    branch[(n < first) & (delta > d2)] = 1
+    if branch == 0:
+        stripe = ((m % p) - (n % p)).abs() < stripe_width(p)
+        far = delta.abs() > d1
+        return (delta.abs() <= d1) | (far & (delta.abs() <= d2) & (stripe | (n < first)))
+    if branch == 1:
+        return (n < first) & (delta > d2)
     last = round_up(sink_future_frame(latent_frames, sink_future) * p, round_to)
-    branch[(n > last) & (delta < -d2)] = 2
+    return (n > last) & (delta < -d2)
+
+
+def tsa_branch(m: Tensor, n: Tensor, tokens_per_frame: int, latent_frames: int, round_to: int = 128,
+               sink_future: str = "auto") -> Tensor:
+    """Branch of each (query m, key n) pair: 0 diag, 1 sink-past, 2 sink-future, −1 none."""
+    branch = torch.full(torch.broadcast_shapes(m.shape, n.shape), -1, dtype=torch.int8, device=m.device)
+    for b in range(3):
+        member = tsa_member(m, n, b, tokens_per_frame, latent_frames, round_to, sink_future)
+        branch = torch.where(member, b, branch)
     return branch
 
 

@@ -63,3 +63,16 @@ def test_the_branches_change_the_result(setup):
     plain = torch.nn.functional.scaled_dot_product_attention(rotary.apply(q), rotary.apply(k), v)
     for case in ("vrpr", "tsa"):
         assert (branch_attention(q, k, v, rotary, CASES[case](), GRID) - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["vrpr", "vrpr gap fix", "tsa"])
+def test_flex_block_masks_equal_the_union_softmax(case, setup):
+    """The GPU path (one flex_attention per branch on a block mask traced from the same membership predicates,
+    merged by their log-sum-exps), run eagerly here."""
+    rotary, q, k, v = setup
+    branches = CASES[case]()
+    ref = branch_attention_reference(q, k, v, rotary, branches, GRID)
+    cache = {}
+    out = branch_attention(q, k, v, rotary, branches, GRID, backend="flex", cache=cache)
+    assert (out.double() - ref).abs().max() <= 2e-6
+    assert sum(key[0] == "block_mask" for key in cache) == len(branches)  # one block mask per branch, kept
