@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu" / "smoke.py"
-CASES = ["vanilla-81", "freenoise-161", "freelong-161", "upscale-720p"]
+CASES = ["vanilla-81", "freenoise-161", "freelong-161", "upscale-720p", "freeloc-161", "ultravico-161"]
 STEPS = 3
 REFINE_STEPS = int(STEPS * 0.7)  # strength 0.7: the last int(N * 0.7) steps of the refine schedule run
 
@@ -33,9 +33,10 @@ def test_tiny_smoke_runs_every_case(tmp_path):
     assert [c["case"] for c in report["cases"]] == CASES
     # tiny sizes: 9 frames (3 latent) and 17 frames (5 latent) at 32x48 (4x6 latents), refine 64x96 (8x12)
     shapes = {"vanilla-81": [1, 16, 3, 4, 6], "freenoise-161": [1, 16, 5, 4, 6], "freelong-161": [1, 16, 5, 4, 6],
-              "upscale-720p": [1, 16, 3, 8, 12]}
+              "upscale-720p": [1, 16, 3, 8, 12], "freeloc-161": [1, 16, 5, 4, 6], "ultravico-161": [1, 16, 5, 4, 6]}
     stage_steps = {"vanilla-81": {"main": STEPS}, "freenoise-161": {"main": STEPS}, "freelong-161": {"main": STEPS},
-                   "upscale-720p": {"base": STEPS, "refine": REFINE_STEPS}}
+                   "upscale-720p": {"base": STEPS, "refine": REFINE_STEPS}, "freeloc-161": {"main": STEPS},
+                   "ultravico-161": {"main": STEPS}}
     for case in report["cases"]:
         name = case["case"]
         assert "error" not in case, case
@@ -57,7 +58,7 @@ def test_tiny_smoke_runs_every_case(tmp_path):
         assert case["sidecar_timings"]["denoise_s"] > 0
     methods = {c["case"]: c["sidecar_stages"][0]["methods"] for c in report["cases"]}
     assert methods == {"vanilla-81": [], "freenoise-161": ["freenoise"], "freelong-161": ["freelong", "freenoise"],
-                       "upscale-720p": []}
+                       "upscale-720p": [], "freeloc-161": ["freeloc"], "ultravico-161": ["ultravico"]}
     base, refine = report["cases"][3]["sidecar_stages"]
     assert (base["height"], base["width"], base["start_step"]) == (32, 48, 0)
     assert (refine["height"], refine["width"], refine["upsample"]) == (64, 96, "pixel")

@@ -12,6 +12,9 @@ UMT5-XXL (text encoding is not what this checks). One ``WanAdapter`` serves ever
 3. ``freelong-161``   161 frames, FreeLong SpectralBlend attention (window 81) + FreeNoise noise only.
 4. ``upscale-720p``   81 frames at 480x832, then refined at 720x1280 (strength 0.7, flow shift 9, pixel
                       hand-off: VAE decode, resize, encode at full size).
+5. ``freeloc-161``    161 frames, FreeLOC with the built-in Wan 2.1 1.3B layer preset (VRPR / TSA through compiled
+                      flex_attention block masks, one per branch).
+6. ``ultravico-161``  161 frames, UltraViCo far-pair logit decay (compiled flex_attention score_mod).
 
 Reading the numbers (one table row per stage; the JSON has every step and the sidecar's stage timings): each
 stage's schedule has ``--steps N`` steps, of which the refine stage runs the last int(0.7 N). ``first s`` is a
@@ -46,12 +49,13 @@ import torch  # noqa: E402
 #: sizes of the cases: frames, long frames, base and refine HxW, FreeNoise/FreeLong window (video frames)
 REAL = {"frames": 81, "long": 161, "base": (480, 832), "refine": (720, 1280), "window": 81}
 TINY = {"frames": 9, "long": 17, "base": (32, 48), "refine": (64, 96), "window": 9}
-CASES = ("vanilla-81", "freenoise-161", "freelong-161", "upscale-720p")
+CASES = ("vanilla-81", "freenoise-161", "freelong-161", "upscale-720p", "freeloc-161", "ultravico-161")
 PROMPT = "a red fox running through fresh snow at dawn, cinematic"
 
 
 def case_recipes(size: dict) -> dict[str, dict]:
     """The recipe sections that differ between cases (model, sampler, prompt and runtime are shared)."""
+    tiny = size is TINY
     (h, w), (rh, rw), win = size["base"], size["refine"], size["window"]
     short = {"num_frames": size["frames"], "height": h, "width": w, "fps": 16}
     long = {**short, "num_frames": size["long"]}
@@ -61,6 +65,9 @@ def case_recipes(size: dict) -> dict[str, dict]:
         "freenoise-161": {"video": long, "methods": {"freenoise": {"window": win}}},
         "freelong-161": {"video": long, "methods": {"freelong": {"window": win},
                                                     "freenoise": {"fusion": "none", "window": win}}},
+        # the tiny model has no FreeLOC preset and its 17 frames are within the trained length: open the gates
+        "freeloc-161": {"video": long, "methods": {"freeloc": {"tsa_layers": [0], "gate": False} if tiny else {}}},
+        "ultravico-161": {"video": long, "methods": {"ultravico": {"gate": False} if tiny else {}}},
         "upscale-720p": {"video": {**short, "height": rh, "width": rw},
                          "stages": {"base": {"height": h, "width": w},
                                     "refine": {"strength": 0.7, "upsample": "pixel", "sampler": {"flow_shift": 9.0}}}},
