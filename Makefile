@@ -22,6 +22,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench/freenoise.py
 	$(BIN)/python scripts/bench/freelong.py
 	$(BIN)/python scripts/bench/engine.py
+	$(BIN)/python scripts/bench/freeloc.py
 
 clean:
 	rm -rf outputs build *.egg-info
