@@ -39,11 +39,21 @@ class _OneLineErrors(TyperGroup):
         except typer.Abort:
             if not standalone_mode:
                 raise
-            err.print("interrupted; no partial output was kept")
+            _interrupted_handled()
             sys.exit(130)
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
         return rv
+
+
+def _interrupted_handled() -> None:
+    """Say that Ctrl-C stopped the run, and make sure the exit code stays 130.
+
+    CPython remembers a KeyboardInterrupt that surfaced through any ``exec`` of a string (dataclasses build their
+    ``__init__`` that way while torch imports) as "unhandled", even once caught, and then ends the process by
+    re-raising SIGINT (exit -2) instead of the code asked for. Evaluating a constant resets that record."""
+    err.print("interrupted; no partial output was kept")
+    exec("pass", {})  # resets CPython's unhandled-KeyboardInterrupt record (see above); evaluates no user text
 
 
 app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -88,7 +98,7 @@ def friendly(fn):
             err.print(f"[{style}]{e.label}:[/] {escape(str(e))}", markup=True, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted; no partial output was kept")
+            _interrupted_handled()
             raise typer.Exit(130) from None
 
     return wrapper

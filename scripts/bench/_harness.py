@@ -9,6 +9,10 @@ OS and the RSS follows the live memory.
 
 A benchmark script uses :func:`run_child` in the parent and, when started with the child flag, builds its
 inputs and calls :func:`child_report` (which prints one JSON line) around the call to measure.
+
+Clocks: wall time (``time.perf_counter``) by default; the scripts' ``--cpu-time`` mode uses one torch thread
+and :func:`clock` ``(cpu_time=True)`` = ``time.process_time`` (this process's CPU seconds), so a number does not
+grow when other processes take the cores (it still grows a little from cache and memory-bandwidth sharing).
 """
 
 from __future__ import annotations
@@ -36,6 +40,35 @@ def set_threads(n: int | None = None) -> int:
     return n
 
 
+def clock(cpu_time: bool = False) -> Callable[[], float]:
+    """The timer of a benchmark: ``time.process_time`` (CPU seconds of this process) or ``time.perf_counter``."""
+    return time.process_time if cpu_time else time.perf_counter
+
+
+def cpu_time_mode(cpu_time: bool, threads: int | None) -> tuple[int, Callable[[], float]]:
+    """Threads and clock of a run: ``--cpu-time`` forces one torch thread (``--threads`` is ignored then) and the
+    process-CPU clock; otherwise ``threads`` (default: all cores) and wall time. Returns (threads used, clock)."""
+    if cpu_time:
+        return set_threads(1), clock(True)
+    return set_threads(threads), clock(False)
+
+
+def write_json(path: str | None, data: Any) -> None:
+    """Write ``data`` (numbers, strings, lists, dicts; tuples become lists) to ``path`` (nothing when None)."""
+    if not path:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=_plain)
+    os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):  # a 0-d tensor or numpy scalar
+        return value.item()
+    return str(value)
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process."""
     with open("/proc/self/statm") as f:
@@ -51,8 +84,9 @@ def available_bytes() -> int:
     return 0
 
 
-def peak_extra_bytes(fn: Callable[[], Any], interval_s: float = 0.0005) -> tuple[int, float, Any]:
-    """Run ``fn()`` once; return (peak RSS above the RSS before the call, seconds, result).
+def peak_extra_bytes(fn: Callable[[], Any], interval_s: float = 0.0005,
+                     timer: Callable[[], float] = time.perf_counter) -> tuple[int, float, Any]:
+    """Run ``fn()`` once; return (peak RSS above the RSS before the call, seconds on ``timer``, result).
 
     Use in a fresh process: the high-water mark is sampled every ``interval_s`` and also read from
     ``getrusage`` (which catches spikes shorter than the sampling interval when they set a new process max).
@@ -69,11 +103,11 @@ def peak_extra_bytes(fn: Callable[[], Any], interval_s: float = 0.0005) -> tuple
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    t0 = time.perf_counter()
+    t0 = timer()
     try:
         result = fn()
     finally:
-        seconds = time.perf_counter() - t0
+        seconds = timer() - t0
         done.set()
         thread.join()
     peak[0] = max(peak[0], rss_bytes())
@@ -83,9 +117,9 @@ def peak_extra_bytes(fn: Callable[[], Any], interval_s: float = 0.0005) -> tuple
     return peak[0] - base, seconds, result
 
 
-def child_report(fn: Callable[[], Any], **extra: Any) -> None:
+def child_report(fn: Callable[[], Any], timer: Callable[[], float] = time.perf_counter, **extra: Any) -> None:
     """In a child process: measure ``fn`` with :func:`peak_extra_bytes` and print one JSON line."""
-    extra_b, seconds, _ = peak_extra_bytes(fn)
+    extra_b, seconds, _ = peak_extra_bytes(fn, timer=timer)
     print(json.dumps({"peak_mb": extra_b / MB, "seconds": seconds, **extra}), flush=True)
 
 
@@ -109,9 +143,10 @@ def run_child(argv: Sequence[str], timeout_s: float = 1800) -> dict:
 
 
 def round_robin(
-    impls: dict[str, Callable[[], Any]], rounds: int = 3, warmup: bool = False, keep_first: bool = True
+    impls: dict[str, Callable[[], Any]], rounds: int = 3, warmup: bool = False, keep_first: bool = True,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Time ``impls`` alternately, ``rounds`` times each, in this process.
+    """Time ``impls`` alternately, ``rounds`` times each, in this process, on ``timer`` (:func:`clock`).
 
     Returns ({name: [seconds per round]}, {name: result of its first timed call}) (results only when
     ``keep_first``). ``warmup`` runs every implementation once, untimed, first.
@@ -123,9 +158,9 @@ def round_robin(
     results: dict[str, Any] = {}
     for r in range(rounds):
         for name, fn in impls.items():
-            t0 = time.perf_counter()
+            t0 = timer()
             out = fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timer() - t0)
             if r == 0 and keep_first:
                 results[name] = out
             del out

@@ -1,6 +1,7 @@
 """One FreeLong temporal layer: the official way vs longvid vs one vanilla attention layer (CPU).
 
-    .venv/bin/python scripts/bench/freelong.py [--quick] [--rounds N] [--no-memory]
+    .venv/bin/python scripts/bench/freelong.py [--quick] [--rounds N] [--no-memory] [--threads N] [--cpu-time]
+                                               [--json FILE]
 
 The layer is norm-free: a diffusers ``Attention(query_dim=C, heads=8, dim_head=C//8)`` (to_q/k/v without bias,
 to_out with bias) on ``x`` of shape ``(B*H*W, F, C)``, B=2 (CFG), the same seeded weights and input for all:
@@ -18,6 +19,16 @@ Times: round-robin in this process, min / median over the rounds (3 at F=64, els
 implementation once in a fresh subprocess (see _harness.py). Where the official way would not fit in RAM it is
 not run; its need is extrapolated from a measured row with the same C and F at a smaller level (everything in
 the layer is linear in B*H*W), else from the measured frame counts of the same level (``a*F + b*F^2``).
+
+Goals (printed under the table): at F = 256, longvid **≥ 5× faster** and **≥ 5× less peak extra memory** than
+the official way, and the FreeLong layer's cost against one vanilla attention layer (time ≤ 2×; its memory
+ratio is shown too). ``--quick`` runs one small case (8×8, C=320, F=128), so it judges the ratios there
+instead (labelled as such) and only smoke-tests the path.
+
+``--cpu-time``: one torch thread (``--threads`` is ignored) and every time is this process's CPU time
+(``time.process_time``) instead of wall time, so the numbers survive a loaded machine; the memory
+subprocesses run with one thread too. ``--json FILE`` writes every number (per-round times, peak memory,
+ratios, max abs diff, goals) to FILE.
 
 Whole run: about 19 min on the 2-vCPU dev VM while other jobs loaded it (load average 3-4); ``--quick``
 takes under a minute.
@@ -47,6 +58,9 @@ from longvid.core.spectral import SpectralBlendAttention, freq_mix_3d_reference,
 
 BATCH, HEADS, WINDOW = 2, 8, 16
 IMPLS = ("official", "longvid", "vanilla")
+GOAL_F = 256  # the goals are judged at this frame count (full level 20×32, C=640)
+GOAL_SPEEDUP, GOAL_MEMORY, GOAL_LAYER = 5.0, 5.0, 2.0  # official / longvid time, memory; longvid / vanilla time
+TIMER = time.perf_counter  # hb.clock(); time.process_time under --cpu-time
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,7 @@ FULL = [
     Case(10, 16, 640, 512),
     Case(20, 32, 640, 512, official=False),
 ]
-QUICK = [Case(10, 16, 320, 64), Case(10, 16, 320, 128)]
+QUICK = [Case(8, 8, 320, 128)]
 
 
 # ------------------------------------------------------------------------------------- the official way
@@ -131,11 +145,10 @@ def build(case: Case):
     return impls
 
 
-def child_main(impl: str, h: int, w: int, c: int, frames: int, threads: int) -> None:
-    hb.set_threads(threads)
+def child_main(impl: str, h: int, w: int, c: int, frames: int) -> None:
     fn = build(Case(h, w, c, frames, official=impl == "official"))[impl]
     with torch.inference_mode():
-        hb.child_report(fn, impl=impl)
+        hb.child_report(fn, timer=TIMER, impl=impl)
 
 
 def extrapolate(measured: dict[tuple, tuple[float, float]], case: Case) -> tuple[float, float, str] | None:
@@ -149,42 +162,52 @@ def extrapolate(measured: dict[tuple, tuple[float, float]], case: Case) -> tuple
     if same:
         hw, (t, m) = max(same)
         k = case.h * case.w / hw
-        return t * k, m * k, f"×{k:.0f} the measured {case.c}-channel F={case.frames} row"
+        return t * k, (m * k if m is not None else None), f"×{k:.0f} the measured {case.c}-channel F={case.frames} row"
     pts = sorted((f, v) for (c, f, hw), v in measured.items() if c == case.c and hw == case.h * case.w)
     if len(pts) < 2:
         return None
     (f1, y1), (f2, y2) = pts[-2:]
     fit = []
     for a1, a2 in zip(y1, y2):
+        if a1 is None or a2 is None:
+            fit.append(None)
+            continue
         b = (a2 / f2 - a1 / f1) / (f2 - f1)
         fit.append((a1 / f1 - b * f1) * case.frames + b * case.frames**2)
     return fit[0], fit[1], f"a·F+b·F² fit through F={f1}, {f2}"
 
 
 def main() -> None:
+    global TIMER
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small level (10×16, C=320), F=64 and 128 only")
+    p.add_argument("--quick", action="store_true", help="one small case (8×8, C=320, F=128)")
     p.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 3 at F=64, else 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores; --cpu-time: 1)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="one torch thread, times are this process's CPU seconds (time.process_time), not wall time")
+    p.add_argument("--json", metavar="FILE", help="write every number to FILE")
     p.add_argument("--child", nargs=5, metavar=("IMPL", "H", "W", "C", "F"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    threads = hb.set_threads(args.threads)
+    threads, TIMER = hb.cpu_time_mode(args.cpu_time, args.threads)
     if args.child:
         impl, *dims = args.child
-        return child_main(impl, *(int(d) for d in dims), threads)
+        return child_main(impl, *(int(d) for d in dims))
 
     cases = QUICK if args.quick else FULL
-    print(f"# FreeLong temporal layer: official vs longvid vs vanilla (torch {torch.__version__}, {threads} threads, "
-          f"{platform.machine()}, B={BATCH}, heads={HEADS}, window={WINDOW}, float32)\n", flush=True)
+    clock = "CPU time of this process (time.process_time, --cpu-time)" if args.cpu_time else "wall time"
+    load0 = os.getloadavg()
+    print(f"# FreeLong temporal layer: official vs longvid vs vanilla (torch {torch.__version__}, {threads} thread(s), "
+          f"{platform.machine()}, B={BATCH}, heads={HEADS}, window={WINDOW}, float32; times are {clock}; load "
+          f"average at start {load0[0]:.1f} on {os.cpu_count()} cores)\n", flush=True)
     t_start = time.perf_counter()
-    rows = []
+    rows, data = [], []
     measured: dict[tuple, tuple[float, float]] = {}  # (C, F, H*W) -> official (min seconds, peak MB)
     for case in cases:
         impls = build(case)
         rounds = args.rounds or (3 if case.frames <= 64 else 2)
         with torch.inference_mode():
-            times, outs = hb.round_robin(impls, rounds=rounds)
+            times, outs = hb.round_robin(impls, rounds=rounds, timer=TIMER)
         scale = outs["longvid"].abs().max().item()
         diff = {n: (outs[n] - outs["longvid"]).abs().max().item() for n in ("official",) if n in outs}
         del outs, impls
@@ -192,19 +215,20 @@ def main() -> None:
         if not args.no_memory:
             for name in times:
                 mem[name] = hb.run_child(
-                    [__file__, "--threads", str(threads), "--child", name, *map(str, (case.h, case.w, case.c, case.frames))]
+                    [__file__, "--threads", str(threads), *(["--cpu-time"] if args.cpu_time else []), "--child", name,
+                     *map(str, (case.h, case.w, case.c, case.frames))]
                 )
         t = {n: min(ts) for n, ts in times.items()}
         m = {n: r.get("peak_mb") for n, r in mem.items()}
         notes = []
         if case.official:
-            if m.get("official") is not None:
-                measured[(case.c, case.frames, case.h * case.w)] = (t["official"], m["official"])
+            measured[(case.c, case.frames, case.h * case.w)] = (t["official"], m.get("official"))  # MB None: --no-memory
         else:
             guess = extrapolate(measured, case)
             if guess:
                 t["official~"], m["official~"], how = guess
-                notes.append(f"official not run: needs ≈{guess[1] / 1024:.0f} GB extra and ≈{guess[0]:.0f} s ({how})")
+                need = f"≈{guess[1] / 1024:.0f} GB extra and " if guess[1] is not None else ""
+                notes.append(f"official not run: needs {need}≈{guess[0]:.0f} s ({how})")
             else:
                 notes.append("official not run")
         notes += [f"{n} memory run failed: {r['error']}" for n, r in mem.items() if "error" in r]
@@ -220,6 +244,16 @@ def main() -> None:
             f"{diff['official']:.1e} (out max {scale:.2f})" if "official" in diff else "–",
             "; ".join(notes),
         ])
+        data.append({"level": case.level, "h": case.h, "w": case.w, "c": case.c, "frames": case.frames,
+                     "input_mb": case.input_mb, "official_run": case.official, "times_s": times,
+                     "min_s": {n: t.get(n) for n in ("official", "official~", "longvid", "vanilla") if n in t},
+                     "peak_mb": {n: m.get(n) for n in ("official", "official~", "longvid", "vanilla") if n in m},
+                     "official_over_longvid": (off_t / t["longvid"]) if off_t else None,
+                     "mem_official_over_longvid": (off_m / m["longvid"]) if off_m and m.get("longvid") else None,
+                     "longvid_over_vanilla": t["longvid"] / t["vanilla"],
+                     "mem_longvid_over_vanilla": (m["longvid"] / m["vanilla"]) if m.get("longvid") and m.get("vanilla")
+                     else None,
+                     "max_abs_diff": diff.get("official"), "out_max": scale, "notes": notes})
         print(f"[{time.perf_counter() - t_start:.0f} s] " + " | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
 
     print(hb.markdown_table([
@@ -227,8 +261,56 @@ def main() -> None:
         "official / longvid", "longvid / vanilla", "peak extra MB official / longvid / vanilla",
         "mem official / longvid", "mem longvid / vanilla", "max abs diff longvid vs official", "note",
     ], rows))
+    goal_text, goal_list = goals(data)
+    total = time.perf_counter() - t_start
+    load1 = os.getloadavg()
     print(f"\nRatios use min times; ~ marks ratios against the extrapolated official need. "
-          f"Total wall time {time.perf_counter() - t_start:.0f} s.")
+          f"Total wall time {total:.0f} s; load average at end {load1[0]:.1f} on {os.cpu_count()} cores.\n")
+    print(goal_text, flush=True)
+    hb.write_json(args.json, {"quick": args.quick, "cpu_time": args.cpu_time, "threads": threads,
+                              "clock": "process_time" if args.cpu_time else "perf_counter",
+                              "torch": torch.__version__, "load_average": [load0[0], load1[0]], "total_wall_s": total,
+                              "rows": data, "goals": goal_list})
+
+
+def goals(data: list[dict]) -> tuple[str, list[dict]]:
+    """The goal lines at F = GOAL_F on the full level (C=640, measured official), and the same as data. Without
+    such a row (--quick), the largest measured case stands in and the lines say so."""
+    lines, out = ["## Goals"], []
+    measured = [r for r in data if r["official_run"] and r.get("official_over_longvid")]
+    at = [r for r in measured if r["frames"] == GOAL_F and r["c"] == 640]
+    row = at[0] if at else (max(measured, key=lambda r: (r["frames"], r["h"] * r["w"])) if measured else None)
+    if row is None:
+        return "## Goals\n- no case with the official way measured", out
+    where = f"F = {row['frames']} ({row['level']})"
+    if not at:
+        where += f" — stand-in: F = {GOAL_F} at C=640 was not run"
+
+    def goal(name: str, value, met: bool, text: str) -> None:
+        out.append({"name": name, "value": value, "met": bool(met), "frames": row["frames"], "level": row["level"],
+                    "stand_in": not at})
+        verdict = f"**{'MET' if met else 'MISSED'}**" if at else f"{'met' if met else 'missed'} at the stand-in (not judged)"
+        lines.append(f"- {text} → {verdict}")
+
+    speed = row["official_over_longvid"]
+    goal("speedup_vs_official", speed, speed >= GOAL_SPEEDUP,
+         f"longvid ≥ {GOAL_SPEEDUP:.0f}× faster than the official way at {where}: {speed:.2f}× "
+         f"({row['min_s']['official']:.2f} s vs {row['min_s']['longvid']:.2f} s, min)")
+    mem = row["mem_official_over_longvid"]
+    if mem is not None:
+        goal("memory_vs_official", mem, mem >= GOAL_MEMORY,
+             f"longvid ≥ {GOAL_MEMORY:.0f}× less peak extra memory than the official way at {where}: {mem:.2f}× "
+             f"({row['peak_mb']['official']:.0f} MB vs {row['peak_mb']['longvid']:.0f} MB)")
+    else:
+        lines.append(f"- longvid vs official peak memory at {where}: not measured (--no-memory or a failed run)")
+    layer = row["longvid_over_vanilla"]
+    mem_layer = row["mem_longvid_over_vanilla"]
+    mem_text = f", peak extra memory {mem_layer:.2f}× vanilla's" if mem_layer is not None else ""
+    goal("layer_vs_vanilla", layer, layer <= GOAL_LAYER,
+         f"FreeLong layer cost ≤ {GOAL_LAYER:.0f}× one vanilla attention layer at {where}: time {layer:.2f}×{mem_text}")
+    every = ", ".join(f"F={r['frames']} ({r['level']}): {r['longvid_over_vanilla']:.2f}×" for r in data)
+    lines.append(f"- (info) longvid / vanilla time at every case: {every}")
+    return "\n".join(lines), out
 
 
 if __name__ == "__main__":
