@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longvid.core.processors import input_norms, qk_norms, weight_key
-from longvid.core.windows import FusionPlan, WindowAccumulator, check_window, fusion_plan, window_weights
+from longvid.core.windows import FusionPlan, check_window, fusion_plan, window_weights
 
 
 class WindowFusedAttnProcessor:
@@ -33,7 +33,7 @@ class WindowFusedAttnProcessor:
         chunk_bytes: int | None = None,
     ):
         check_window(window, stride)
-        # bound on the gathered views of one chunk of rows; None: 16 MiB on a CPU (cache-sized), 256 MiB on a GPU
+        # bound on the attended views of one chunk of rows (None: see _budget)
         self.chunk_bytes = chunk_bytes
         window_weights(window, weighting)  # validates the scheme name early
         self.window = window
@@ -41,6 +41,7 @@ class WindowFusedAttnProcessor:
         self.weighting = weighting
         self.pos_embed = pos_embed
         self._positions: dict[tuple, tuple] = {}  # (len, dtype, device, weight versions) -> projected W·pe
+        self._weights: tuple = (None, None)  # (plan views, regular count, device, dtype) -> (V, L, 1) weights
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
@@ -63,33 +64,95 @@ class WindowFusedAttnProcessor:
         return out / attn.rescale_output_factor
 
     def _fused_attention(self, attn, q, k, v, plan: FusionPlan, pos) -> torch.Tensor:
-        """Attention within each view, weight-averaged per frame. q/k/v/out ``(N, h, F, D)``.
+        """Attention within each view, weight-averaged per frame. q/k/v ``(N, h, F, D)`` -> ``(N, h, F, D)``.
 
-        All views have ``window`` frames (the tail view too), so they are gathered into one extra batch axis and
-        attended in one SDPA call per chunk of rows (``(n, h, V, L, D)``) instead of one small call per view;
-        the chunk keeps the gathered q/k/v/out under ``chunk_bytes``.
+        The regular views start every ``stride`` frames, so they are ``unfold`` views of q/k/v (strided, no
+        copy: gathering them copied q, k and v ~``window/stride`` times and took longer than the attention
+        itself); a tail view (start off the stride grid) is one more slice. Views go through 4-D SDPA calls
+        (the CPU flash kernel; a 5-D batch falls back to the slow math kernel) and the weighted view outputs
+        are folded back per frame (:meth:`_fold`). Rows are processed in chunks whose attended views (and, with
+        ``pos_embed``, materialised q/k/v views) stay under ``chunk_bytes``.
         """
         if len(plan.views) == 1:  # F ≤ window: plain attention, bit-identical to AttnProcessor2_0
             return self._view_attention(attn, q, k, v, pos)
-        n, heads, _, dim = q.shape
-        starts = torch.tensor([s for s, _ in plan.views], device=q.device)
-        index = starts[:, None] + torch.arange(self.window, device=q.device)  # (V, L)
-        views = len(plan.views)
-        budget = self.chunk_bytes or ((256 << 20) if q.is_cuda else (16 << 20))
-        step = max(1, budget // max(4 * heads * views * self.window * dim * q.element_size(), 1))
-        out = torch.empty_like(v)  # (N, h, F, D)
+        n, heads, frames, dim = q.shape
+        length, stride = self.window, self.stride
+        tail = plan.views[-1] if plan.views[-1][0] % stride else None
+        weights = self._view_weights(plan, len(plan.views) - (tail is not None), q.device, q.dtype)  # (V, L, 1)
+        # (N, F, h, D) buffer, returned as an (N, h, F, D) view: the caller's transpose back to (N, F, h·D) is free
+        out = q.new_empty(n, frames, heads, dim)
+        per_row = heads * len(plan.views) * length * dim * q.element_size() * (4 if pos is not None else 1)
+        step = max(1, self._budget(q) // max(per_row, 1))
         for r0 in range(0, n, step):
             rows = slice(r0, min(r0 + step, n))
-            qv, kv, vv = (t[rows][:, :, index] for t in (q, k, v))  # (n, h, V, L, D)
-            if pos is not None:
-                qv, kv, vv = qv + pos[0][:, None], kv + pos[1][:, None], vv + pos[2][:, None]
-                qv, kv = qk_norms(attn, qv, kv)
-            attended = F.scaled_dot_product_attention(qv, kv, vv)  # (n, h, V, L, D)
-            acc = WindowAccumulator(plan, v[rows], dim=2)
+            views = [t[rows].unfold(2, length, stride).transpose(-1, -2) for t in (q, k, v)]  # (n, h, V, L, D)
+            dest = out[rows].transpose(1, 2)  # (n, h, F, D) view of the buffer
+            if pos is None:  # strided views, one 4-D (n, V, L, D) call per head, read in place by the kernel
+                for h in range(heads):
+                    attended = F.scaled_dot_product_attention(*(t[:, h] for t in views))  # (n, V, L, D)
+                    self._fold(dest[:, h], attended.mul_(weights), stride)
+            else:
+                self._fold(dest, self._attend_with_pos(attn, *views, pos).mul_(weights), stride)
+            if tail is not None:
+                start, end = tail
+                views = [t[rows, :, start:end].unsqueeze(2) for t in (q, k, v)]  # (n, h, 1, L, D)
+                if pos is None:
+                    last = F.scaled_dot_product_attention(*(t[:, :, 0] for t in views))  # (n, h, L, D)
+                else:
+                    last = self._attend_with_pos(attn, *views, pos)[:, :, 0]
+                w = plan.normalized_as(len(plan.views) - 1, q.device, q.dtype)[:, None]  # (L, 1)
+                dest[:, :, start:end].addcmul_(last, w)  # zero weight on frames the regular views covered
+        return out.transpose(1, 2)
+
+    def _budget(self, q: torch.Tensor) -> int:
+        # None: 4 MiB on a CPU, where the chunk's views then stay in cache (measured at F = 128/256: a 16 MiB
+        # chunk is ~1.3x slower), 256 MiB on a GPU
+        return self.chunk_bytes or ((256 << 20) if q.is_cuda else (4 << 20))
+
+    @staticmethod
+    def _attend_with_pos(attn, q, k, v, pos) -> torch.Tensor:
+        """SDPA within each view with the window-local positional term. q/k/v ``(n, h, V, L, D)`` strided views,
+        ``pos`` = projected (pq, pk, pv), each ``(h, L, D)`` -> ``(n, h, V, L, D)``.
+
+        The term makes every view distinct, so q/k/v are materialised once (by the addition itself) and
+        attended as one 4-D ``(n·h, V, L, D)`` batch."""
+        n, heads, views, length, dim = q.shape
+        q, k, v = q + pos[0][:, None], k + pos[1][:, None], v + pos[2][:, None]  # (n, h, V, L, D), contiguous
+        q, k = qk_norms(attn, q, k)
+        flat = [t.reshape(n * heads, views, length, dim) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*flat).view(n, heads, views, length, dim)
+
+    @staticmethod
+    def _fold(dest: torch.Tensor, attended: torch.Tensor, stride: int) -> None:
+        """``dest[…, s_v + i, :] = Σ_v attended[…, v, i, :]`` over the regular views ``s_v = v·stride``; frames
+        no regular view covers are zeroed (a tail view adds to them afterwards).
+
+        ``dest`` ``(…, F, D)``, ``attended`` ``(…, V, L, D)`` already weighted. When the window is a multiple
+        of the stride, view ``v`` covers stride blocks ``v … v + L/stride - 1``, so the fold is ``L/stride``
+        shifted block copies/additions instead of one addition per view, and the first one initialises."""
+        *_, views, length, _ = attended.shape
+        end = (views - 1) * stride + length  # frames the regular views cover
+        dest[..., end:, :].zero_()
+        if length % stride:
+            dest[..., :end, :].zero_()
             for i in range(views):
-                acc.add(i, attended[:, :, i])  # (n, h, L, D)
-            out[rows] = acc.result()
-        return out
+                dest[..., i * stride:i * stride + length, :] += attended[..., i, :, :]
+            return
+        parts = length // stride
+        blocks = dest[..., :end, :].unflatten(-2, (end // stride, stride))  # (…, B, S, D)
+        shifted = attended.unflatten(-2, (parts, stride))  # (…, V, L/S, S, D)
+        blocks[..., :views, :, :].copy_(shifted[..., 0, :, :])  # part 0 of view v is block v
+        blocks[..., views:, :, :].zero_()
+        for j in range(1, parts):
+            blocks[..., j:j + views, :, :] += shifted[..., j, :, :]  # block v + j gets part j of view v
+
+    def _view_weights(self, plan: FusionPlan, regular: int, device, dtype) -> torch.Tensor:
+        """The regular views' normalized weights ``(V, L, 1)`` on ``device``/``dtype``, cached per plan."""
+        key = (plan.views, regular, device, dtype)
+        if self._weights[0] != key:
+            w = torch.stack([plan.normalized_as(i, device, dtype) for i in range(regular)])  # (V, L)
+            self._weights = (key, w[:, :, None])
+        return self._weights[1]
 
     @staticmethod
     def _view_attention(attn, q, k, v, pos) -> torch.Tensor:

@@ -91,3 +91,41 @@ def test_processor_rejects_cross_attention():
     attn.set_processor(WindowFusedAttnProcessor(16, 4))
     with pytest.raises(ValueError, match="self-attention"):
         attn(_x(2, 20), encoder_hidden_states=_x(2, 5))
+
+
+def _reference_plan(attn: Attention, x: torch.Tensor, window: int, stride: int, pe=None) -> torch.Tensor:
+    """Per-view reference for any window/stride: every view of the fusion plan sliced, (pe added,) projected and
+    attended alone, then averaged per frame with the plan's normalized weights and projected by to_out."""
+    from longvid.core.windows import fusion_plan
+
+    n, frames, _ = x.shape
+    plan = fusion_plan(frames, window, stride)
+    total = torch.zeros(n, frames, C)
+    for (start, end), w in zip(plan.views, plan.normalized):
+        xw = x[:, start:end] + (pe[: end - start] if pe is not None else 0)
+        q, k, v = (p(xw).view(n, end - start, HEADS, -1).transpose(1, 2) for p in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, end - start, C)  # (N, L, C)
+        total[:, start:end] += o * w.float().view(1, -1, 1)
+    return attn.to_out[0](total)
+
+
+@pytest.mark.parametrize("window, stride, frames", [(12, 5, 40), (16, 4, 30), (8, 8, 24), (6, 4, 19)])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_processor_any_geometry_and_chunking(window, stride, frames, chunk_bytes):
+    """Windows that are not a multiple of the stride (per-view fold), tails, stride = window, and one row per
+    chunk (chunk_bytes=1) all give the per-view result."""
+    attn, x = _attention(), _x(5, frames)
+    expected = _reference_plan(attn, x, window, stride)
+    attn.set_processor(WindowFusedAttnProcessor(window, stride, chunk_bytes=chunk_bytes))
+    assert (attn(x) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("frames", [30, 64])
+def test_processor_pos_embed_with_tail_and_chunks(frames):
+    attn, x = _attention(qk_norm="layer_norm"), _x(5, frames)
+    pos = SinusoidalPositionalEmbedding(C, max_seq_length=32)
+    expected = _reference_plan(attn, x, 16, 4, pe=pos.pe[0])
+    attn.set_processor(WindowFusedAttnProcessor(16, 4, pos_embed=pos, chunk_bytes=1))
+    assert (attn(x) - expected).abs().max() <= 1e-5
