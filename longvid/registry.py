@@ -27,6 +27,7 @@ METHODS: dict[str, str] = {
     "yarn": "longvid.methods.rope_extrapolation:Yarn",
     "ultravico": "longvid.methods.ultravico:UltraViCo",
     "freeloc": "longvid.methods.freeloc:FreeLoc",
+    "freeswim": "longvid.methods.freeswim:FreeSwim",
 }
 
 

@@ -124,7 +124,8 @@ def _run_stage(adapter: ModelAdapter, recipe: Recipe, plan: StagePlan, plans: li
     ctx = GenerationContext(num_frames=plan.num_frames, height=plan.height, width=plan.width,
                             latent_frames=shape[2], latent_height=shape[3], latent_width=shape[4],
                             total_steps=plan.sampler.steps, step=plan.start_step, stage=plan.name,
-                            stage_index=plan.index, start_step=plan.start_step)
+                            stage_index=plan.index, start_step=plan.start_step,
+                            first_size=(plans[0].height, plans[0].width))
     scheduler = adapter.make_scheduler(plan.sampler)
     timesteps = set_timesteps(scheduler, plan.sampler.steps, device, plan.start_step)
     methods = build_methods(recipe, plan.methods)
@@ -443,7 +444,7 @@ def _encode_video(adapter: ModelAdapter, recipe: Recipe, latents: torch.Tensor, 
     try:
         for chunk in adapter.decode_stream(latents, recipe.runtime):  # (B, 3, f, H, W) in [-1, 1]
             steps.check_decode(latents)
-            writer.write(chunk[0])
+            writer.write(_cropped(chunk[0], out.crop))
             done += chunk.shape[2]
             if progress:
                 progress("decode", min(done, total), total)
@@ -455,6 +456,15 @@ def _encode_video(adapter: ModelAdapter, recipe: Recipe, latents: torch.Tensor, 
                               "kept") from err
         raise
     return writer
+
+
+def _cropped(frames: torch.Tensor, crop) -> torch.Tensor:
+    """The centred ``[height, width]`` crop of frames ``(3, f, H, W)`` (``output.crop``), or the frames."""
+    if crop is None:
+        return frames
+    h, w = frames.shape[-2:]
+    top, left = (h - crop[0]) // 2, (w - crop[1]) // 2
+    return frames[..., top:top + crop[0], left:left + crop[1]]
 
 
 def _peak_memory(device: torch.device) -> dict[str, Any]:

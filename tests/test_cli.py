@@ -195,8 +195,9 @@ BAD = {
     "wan frames": (["--recipe", "demo", "video.num_frames=32"], "video.num_frames: wan needs 4k+1 frames, got 32 "
                                                                 "(nearest: 29 or 33)"),
     "wan height": (["--recipe", "demo", "video.height=100"], "video.height: wan needs a multiple of 16"),
-    "animatediff width": (["--recipe", "demo", *AD, "video.width=100"], "video.width: animatediff needs a multiple "
-                                                                        "of 8, got 100 (nearest: 96 or 104)"),
+    "animatediff width": (["--recipe", "demo", *AD, "video.width=100"],
+                          "video.width: animatediff needs a multiple of 8, got 100 (nearest: 96 or 104; generate 104 "
+                          "and set output.crop=[64,100] for the exact size)"),
     "animatediff 48 frames": (["--recipe", "demo", *AD, "video.num_frames=48"], "limit of 32; add a long-video "
                                                                                "method"),
     "tiny family mismatch": (["--recipe", "demo", "model.path=tiny:animatediff"], "model.family is wan"),

@@ -95,6 +95,8 @@ class GenerationContext:
     stage: str = "main"
     stage_index: int = 0
     start_step: int = 0
+    first_size: tuple[int, int] | None = None
+    """``(height, width)`` of the recipe's first stage: where the composition is made at the model's own size."""
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

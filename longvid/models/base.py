@@ -192,6 +192,15 @@ class ModelAdapter:
         return [m for m in (getattr(self.pipe, n, None) for n in self.denoiser_names) if m is not None]
 
     @property
+    def named_denoisers(self) -> dict[str, torch.nn.Module]:
+        """``{component name: denoiser}`` (``transformer``, ``transformer_2``; ``unet``), in :attr:`denoisers` order."""
+        return {n: m for n in self.denoiser_names if (m := getattr(self.pipe, n, None)) is not None}
+
+    def token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """The ``(frames, rows, columns)`` token grid a DiT's 3D attention sees for a video of this size."""
+        raise NotImplementedError(f"{self.spec.name} has no 3D token grid")
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.denoisers[0].dtype
 

@@ -161,6 +161,11 @@ class WanAdapter(ModelAdapter):
         s = self.pipe.vae_scale_factor_spatial
         return (1, vae.config.z_dim, self.latent_frames(num_frames), height // s, width // s)
 
+    def token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        _, _, f, h, w = self.latent_shape(num_frames, height, width)
+        p_t, p_h, p_w = self.denoisers[0].config.patch_size
+        return f // p_t, h // p_h, w // p_w
+
     def prepare_latents(self, noise: torch.Tensor, scheduler) -> torch.Tensor:
         return noise  # flow matching starts from unit noise (WanPipeline.prepare_latents)
 

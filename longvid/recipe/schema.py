@@ -9,7 +9,7 @@ decides". Methods and stages are mappings keyed by name so that ``methods.freelo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from omegaconf import MISSING
 
@@ -120,6 +120,9 @@ class OutputConfig:
     """Replace an existing file of the same name (else it is an error)."""
     save_latents: bool = False
     """Also save the final latents as ``<name>.latents.pt``."""
+    crop: Optional[List[int]] = None
+    """``[height, width]``: write a centred crop of every frame (``[1080, 1920]`` from a 1088×1920 generation, as
+    Wan sizes are multiples of 16). None = the whole frame."""
 
 
 @dataclass

@@ -9,6 +9,17 @@ from longvid.errors import Problem
 from longvid.recipe.schema import Recipe
 
 
+def _check_crop(recipe: Recipe) -> list[Problem]:
+    crop, video = list(recipe.output.crop), recipe.video
+    if len(crop) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in crop):
+        return [Problem("output.crop", f"must be [height, width] in pixels, got {crop}")]
+    if recipe.output.codec != "ffv1" and any(x % 2 for x in crop):
+        return [Problem("output.crop", f"{recipe.output.codec} needs even sizes (4:2:0 chroma), got {crop}")]
+    if video.height is not None and video.width is not None and (crop[0] > video.height or crop[1] > video.width):
+        return [Problem("output.crop", f"{crop} is larger than the video ({video.height}x{video.width})")]
+    return []
+
+
 def validate(recipe: Recipe) -> list[Problem]:
     """Every problem of a merged recipe: family rules, ranges, prompts, methods and their conflicts."""
     problems: list[Problem] = []
@@ -103,6 +114,8 @@ def _check_output(recipe: Recipe) -> list[Problem]:
     if clock and recipe.runtime.checkpoint != "off":
         problems.append(Problem("output.name", f"{{{clock[0]}}} changes on every run, so a rerun would not find its "
                                                "checkpoint; remove it or set runtime.checkpoint=off"))
+    if out.crop is not None:
+        problems += _check_crop(recipe)
     if out.codec != "ffv1" and out.preset not in X264_PRESETS:
         problems.append(Problem("output.preset", f"unknown {out.codec} preset '{out.preset}'"
                                                  f"{registry.suggest(out.preset, X264_PRESETS)}; one of "
@@ -184,8 +197,13 @@ def _check_video(recipe: Recipe, spec) -> list[Problem]:
         m = spec.spatial_multiple
         if size is not None and (size < m or size % m):
             lower, upper = max(m, size // m * m), (size // m + 1) * m
+            crop = ""
+            other = video.width if axis == "height" else video.height
+            if other and not other % m and not size % 2:  # a crop of the larger size gives this one (even: 4:2:0)
+                sizes = [size, other] if axis == "height" else [other, size]
+                crop = f"; generate {upper} and set output.crop=[{sizes[0]},{sizes[1]}] for the exact size"
             problems.append(Problem(f"video.{axis}", f"{spec.name} needs a multiple of {m}, got {size} "
-                                                     f"(nearest: {lower} or {upper})"))
+                                                     f"(nearest: {lower} or {upper}{crop})"))
     if video.fps is not None and video.fps <= 0:
         problems.append(Problem("video.fps", f"must be positive, got {video.fps}"))
     if spec.max_frames and frames and frames > spec.max_frames:

@@ -129,6 +129,8 @@ def _tiny_version(name: str) -> list[str]:
         overrides.append(f"video.num_frames={longest}")
     for stage in list(recipe.stages)[:-1]:
         overrides += [f"stages.{stage}.height={h // 2}", f"stages.{stage}.width={w // 2}"]
+    if recipe.output.crop is not None:  # a 1080-row crop of a 32-row tiny video
+        overrides.append("output.crop=null")
     if "freeloc" in recipe.methods:  # the tiny model has no layer preset (a real one is built in or probed)
         overrides.append("methods.freeloc.tsa_layers=[0]")
     return overrides
