@@ -141,7 +141,9 @@ class SwimCrossProcessor:
         call = self.state.call
         if call == "reuse":
             cached = self.state.cache[self.site.name]  # (B, S, C), after to_out
-            return cached.to(hidden_states.device, hidden_states.dtype)
+            cached = cached.to(hidden_states.device, hidden_states.dtype)
+            repeat = hidden_states.shape[0] // cached.shape[0]  # 1; 2 when a caller carries both branches
+            return cached if repeat == 1 else cached.repeat(repeat, 1, 1)
         if call not in ("dual", "store") or not self.override:
             return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
         b = hidden_states.shape[0] // 2
