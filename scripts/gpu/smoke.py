@@ -15,6 +15,9 @@ UMT5-XXL (text encoding is not what this checks). One ``WanAdapter`` serves ever
 5. ``freeloc-161``    161 frames, FreeLOC with the built-in Wan 2.1 1.3B layer preset (VRPR / TSA through compiled
                       flex_attention block masks, one per branch).
 6. ``ultravico-161``  161 frames, UltraViCo far-pair logit decay (compiled flex_attention score_mod).
+7. ``freeswim-1080p`` 81 frames at 480x832, then FreeSwim at 1088x1920 (pixel hand-off, strength 0.7): the refine
+                      stage's first step is a guide step (window + full branch, cache stored), the second a reuse
+                      step (window branch alone, batch 1); compiled flex on a tile-major block mask.
 
 Reading the numbers (one table row per stage; the JSON has every step and the sidecar's stage timings): each
 stage's schedule has ``--steps N`` steps, of which the refine stage runs the last int(0.7 N). ``first s`` is a
@@ -47,9 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 import torch  # noqa: E402
 
 #: sizes of the cases: frames, long frames, base and refine HxW, FreeNoise/FreeLong window (video frames)
-REAL = {"frames": 81, "long": 161, "base": (480, 832), "refine": (720, 1280), "window": 81}
-TINY = {"frames": 9, "long": 17, "base": (32, 48), "refine": (64, 96), "window": 9}
-CASES = ("vanilla-81", "freenoise-161", "freelong-161", "upscale-720p", "freeloc-161", "ultravico-161")
+REAL = {"frames": 81, "long": 161, "base": (480, 832), "refine": (720, 1280), "window": 81, "swim": (1088, 1920)}
+TINY = {"frames": 9, "long": 17, "base": (32, 48), "refine": (64, 96), "window": 9, "swim": (64, 96)}
+CASES = ("vanilla-81", "freenoise-161", "freelong-161", "upscale-720p", "freeloc-161", "ultravico-161",
+         "freeswim-1080p")
 PROMPT = "a red fox running through fresh snow at dawn, cinematic"
 
 
@@ -68,6 +72,10 @@ def case_recipes(size: dict) -> dict[str, dict]:
         # the tiny model has no FreeLOC preset and its 17 frames are within the trained length: open the gates
         "freeloc-161": {"video": long, "methods": {"freeloc": {"tsa_layers": [0], "gate": False} if tiny else {}}},
         "ultravico-161": {"video": long, "methods": {"ultravico": {"gate": False} if tiny else {}}},
+        "freeswim-1080p": {"video": {**short, "height": size["swim"][0], "width": size["swim"][1]},
+                           "stages": {"base": {"height": h, "width": w},
+                                      "refine": {"strength": 0.7, "upsample": "pixel", "sampler": {"flow_shift": 9.0}}},
+                           "methods": {"freeswim": {"stages": ["refine"], "mode": "cache", "cache_steps": 2}}},
         "upscale-720p": {"video": {**short, "height": rh, "width": rw},
                          "stages": {"base": {"height": h, "width": w},
                                     "refine": {"strength": 0.7, "upsample": "pixel", "sampler": {"flow_shift": 9.0}}}},
