@@ -13,7 +13,9 @@ adds the projected table, instead of ~``window/stride`` times over the views (ex
 float32 rounding differs by ~1e-5). Where attn1's input is not of that form (another positional module, a
 group/spatial norm or residual inside attn1, an attention mask, a processor other than diffusers' default,
 non-linear projections such as LoRA wrappers), the exact per-view path runs instead. attn2's input depends on
-attn1's per-view output, so attn2 always runs per view.
+attn1's per-view output, so attn2 always runs per view; its window-local table enters the same way (``W(norm2(y) +
+pe) + b = (W norm2(y) + b) + W pe``), so adding it costs one pass over the projected q/k/v, which has to be
+rearranged into the attention layout anyway, instead of one more pass over the states.
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ class BlockFusionHook(ModelHook):
                  shared_projection: bool = True):
         super().__init__()
         check_window(window, stride)
-        # Bound on one batched views tensor (rows of B·H·W processed per call). None: 16 MiB on a CPU, where big
-        # batched views fall out of cache (measured: 1.40x -> 1.25x vanilla at F=128), 256 MiB on a GPU.
+        # Bound on one batched views tensor (rows of B·H·W processed per call). None: 4 MiB on a CPU, where big
+        # batched views fall out of cache and their temporaries raise the peak (measured at F=128: 256 MiB 1.40x,
+        # 16 MiB 1.25x, 4 MiB ~1.1x vanilla time, and peak memory at vanilla's), 256 MiB on a GPU.
         self.chunk_bytes = chunk_bytes
         self.shared_projection = shared_projection
-        self._projections: dict = {}  # weights/geometry key -> (stacked q/k/v weight, bias, projected pe table)
+        self._projections: dict = {}  # id(attn) -> (weights/geometry key, (stacked q/k/v weight, bias, W·pe))
         window_weights(window, weighting)  # validates the scheme name early
         self.window = window
         self.stride = stride
@@ -86,7 +89,7 @@ class BlockFusionHook(ModelHook):
         kwargs.pop("gligen", None)
         plan = fusion_plan(hidden_states.shape[1], self.window, self.stride, self.weighting)
         shared = self.shared_projection and _projection_is_shareable(block, attention_mask, kwargs)
-        budget = self.chunk_bytes or ((256 << 20) if hidden_states.is_cuda else (16 << 20))
+        budget = self.chunk_bytes or ((256 << 20) if hidden_states.is_cuda else (4 << 20))
         fused = torch.empty_like(hidden_states)  # (N, F, C)
         per_row = len(plan.views) * self.window * (3 if shared else 1)  # frames of the largest batched tensor
         for rows in _row_chunks(hidden_states, per_row, budget):
@@ -102,69 +105,125 @@ class BlockFusionHook(ModelHook):
         of ~10 ops instead of one per view (29 views at F=128), measured 1.51x -> 1.24x of a vanilla UNet step.
         """
         n, _, c = x.shape
-        starts = torch.tensor([s for s, _ in plan.views], device=x.device)
-        index = starts[:, None] + torch.arange(self.window, device=x.device)  # (V, L)
         views = len(plan.views)
-        stacked = x[:, index].reshape(n * views, self.window, c)  # (n*V, L, C), view-major inside each row
-        ehs = ehs.repeat_interleave(views, dim=0) if ehs is not None else None
-        ehs_mask = ehs_mask.repeat_interleave(views, dim=0) if ehs_mask is not None else None
         if shared:
-            first = stacked + self._shared_attn1(block, x, index)  # (n*V, L, C): attn1 + residual
-            out = _second_half(block, first, ehs, ehs_mask, kwargs)
+            xv = self._views_of(x, plan)  # (n, V, L, C), a strided view where every view is regular
+            first = (self._shared_attn1(block, x, plan).view(n, views, self.window, c) + xv)  # attn1 + residual
+            first = first.view(n * views, self.window, c)
+            if _attn2_is_shareable(block, ehs, ehs_mask, kwargs):
+                out = first + self._projected_attention(block.attn2, block.pos_embed, block.norm2(first), first)
+            else:
+                out = _second_half(block, first, _repeat_views(ehs, views), _repeat_views(ehs_mask, views), kwargs)
         else:
-            out = _attention_part(block, stacked, attention_mask, ehs, ehs_mask, kwargs)
+            stacked = x[:, self._index(plan, x.device)].reshape(n * views, self.window, c)  # (n*V, L, C)
+            out = _attention_part(block, stacked, attention_mask, _repeat_views(ehs, views),
+                                  _repeat_views(ehs_mask, views), kwargs)
         out = out.view(n, views, self.window, c)
         acc = WindowAccumulator(plan, x, dim=1)
         for i in range(views):
             acc.add(i, out[:, i])  # (n, L, C)
         return acc.result()
 
+    def _index(self, plan, device) -> torch.Tensor:
+        """Frames of each view, ``(V, L)``."""
+        starts = torch.tensor([s for s, _ in plan.views], device=device)
+        return starts[:, None] + torch.arange(self.window, device=device)
 
-    def _shared_attn1(self, block, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def _views_of(self, t: torch.Tensor, plan) -> torch.Tensor:
+        """The views of ``t`` (n, F, …) as ``(n, V, L, …)``: a strided ``unfold`` view (no copy) when every view
+        starts on the stride grid, else a gather (a tail view breaks the constant stride)."""
+        if plan.views[-1][0] % self.stride:
+            return t[:, self._index(plan, t.device)]
+        return t.unfold(1, self.window, self.stride).movedim(-1, 2)
+
+    def _shared_attn1(self, block, x: torch.Tensor, plan) -> torch.Tensor:
         """attn1 of every view with norm1 and the q/k/v projections computed once over all frames.
-        ``x`` (n, F, C), ``index`` (V, L) frames of each view -> (n*V, L, C) attn1 outputs (no residual)."""
-        attn = block.attn1
-        n, _, _ = x.shape
-        views, length = index.shape
-        weight, bias, pe = self._projection(block, length, x)
-        qkv = F.linear(block.norm1(x), weight, bias)[:, index]  # (n, V, L, 3C'): the views of one projection
-        if pe is not None:
-            qkv = qkv + pe  # the window-local positional term, projected once: (L, 3C')
-        inner = weight.shape[0] // 3
-        qkv = qkv.view(n * views, length, 3, attn.heads, inner // attn.heads)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (n*V, heads, L, D)
+        ``x`` (n, F, C) -> (n*V, L, C) attn1 outputs (no residual)."""
+        weight, bias, _ = self._projection(block.attn1, block.pos_embed, self.window, x)
+        qkv = self._views_of(F.linear(block.norm1(x), weight, bias), plan)  # (n, V, L, 3C'): views of one projection
+        return self._projected_attention(block.attn1, block.pos_embed, None, x, qkv=qkv).flatten(0, 1)
+
+    def _projected_attention(self, attn, pos_embed, h, like, qkv=None) -> torch.Tensor:
+        """``attn(h + pe[:L])`` of a self-attention with affine q/k/v, as ``AttnProcessor2_0`` computes it, with the
+        positional term entering as the projected table ``W·pe`` (module docstring).
+
+        ``h`` (…, L, C) -> (…, L, C_out); or ``qkv``: the already projected ``W h + b`` (…, L, 3C') (then ``h`` is
+        None). The table is added while q/k/v are rearranged into the contiguous head-major layout the attention
+        kernel reads fastest (one pass instead of an addition plus a copy)."""
+        length = (h if qkv is None else qkv).shape[-2]
+        weight, bias, pe = self._projection(attn, pos_embed, length, like)
+        if qkv is None:
+            qkv = F.linear(h, weight, bias)  # (…, L, 3C')
+        lead = qkv.shape[:-2]
+        heads = attn.heads
+        dim = weight.shape[0] // 3 // heads
+        buf = qkv.new_empty(3, *lead, heads, length, dim)  # (3, …, heads, L, D)
+        m = len(lead)
+        dst = buf.permute(*range(1, m + 1), m + 2, 0, m + 1, m + 3)  # (…, L, 3, heads, D) view of buf
+        src = qkv.unflatten(-1, (3, heads, dim))  # (…, L, 3, heads, D)
+        if pe is None:
+            dst.copy_(src)
+        elif torch.is_grad_enabled() and (src.requires_grad or pe.requires_grad):
+            dst.copy_(src + pe.view(length, 3, heads, dim))  # out= is not differentiable; copy_ is
+        else:
+            torch.add(src, pe.view(length, 3, heads, dim), out=dst)
+        q, k, v = buf.flatten(1, m).unbind(0)  # each (rows, heads, L, D), contiguous
         q, k = qk_norms(attn, q, k)
-        out = F.scaled_dot_product_attention(q, k, v)  # (n*V, heads, L, D), as AttnProcessor2_0
-        out = out.transpose(1, 2).reshape(n * views, length, inner).to(q.dtype)
+        out = _short_attention(q, k, v)  # (rows, heads, L, D)
+        out = out.transpose(1, 2).reshape(*lead, length, heads * dim).to(q.dtype)  # (…, L, C')
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
-    def _projection(self, block, length: int, x: torch.Tensor):
-        """attn1's stacked q/k/v weight and bias, and ``W·pe[:length]`` (or None), cached per weights/geometry."""
-        attn = block.attn1
+    def _projection(self, attn, pos_embed, length: int, x: torch.Tensor):
+        """``attn``'s stacked q/k/v weight and bias, and ``W·pe[:length]`` (or None), cached per weights/geometry."""
         projs = (attn.to_q, attn.to_k, attn.to_v)
         key = (length, x.dtype, x.device, *(weight_key(p.weight) for p in projs))
-        if key not in self._projections:
+        if self._projections.get(id(attn), (None,))[0] != key:
             weight = torch.cat([p.weight for p in projs])  # (3C', C)
             bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projs]) \
                 if any(p.bias is not None for p in projs) else None
             pe = None
-            if block.pos_embed is not None:
-                table = block.pos_embed(x.new_zeros(1, length, x.shape[-1]))[0]  # (L, C): the positional term alone
+            if pos_embed is not None:
+                table = pos_embed(x.new_zeros(1, length, x.shape[-1]))[0]  # (L, C): the positional term alone
                 pe = F.linear(table.to(weight.dtype), weight)  # (L, 3C')
-            self._projections = {key: (weight, bias, pe)}
-        return self._projections[key]
+            self._projections[id(attn)] = (key, (weight, bias, pe))
+        return self._projections[id(attn)][1]
+
+
+def _short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q kᵀ / √D) v`` over short views, q/k/v ``(rows, heads, L, D)``; what ``AttnProcessor2_0``'s SDPA
+    computes. On a CPU, for views of ≤ 64 frames, two batched matmuls and a softmax: the flash kernel's per-block
+    overhead dominates there (measured at L = 16, D = 16/32/64: it takes 1.2-1.8x as long); elsewhere SDPA."""
+    if q.device.type != "cpu" or q.shape[-2] > 64:
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (rows, heads, L, L)
+    return torch.matmul(scores.softmax(-1), v)
+
+
+def _repeat_views(t: torch.Tensor | None, views: int) -> torch.Tensor | None:
+    return t.repeat_interleave(views, dim=0) if t is not None else None
+
+
+def _attn2_is_shareable(block, ehs, ehs_mask, kwargs) -> bool:
+    """attn2 is a self-attention on ``norm2(y) + (a fixed additive table)`` with affine projections and diffusers'
+    default processor (AnimateDiff motion blocks: ``double_self_attention``); anything else runs as the module."""
+    attn = block.attn2
+    return attn is not None and ehs is None and ehs_mask is None and _plain_self_attention(attn, block.pos_embed, kwargs)
+
+
+def _plain_self_attention(attn, pe, kwargs) -> bool:
+    """The conditions of the projected-table form (module docstring) on one ``Attention``."""
+    return (not kwargs and not attn.is_cross_attention
+            and (pe is None or type(pe).__name__ == "SinusoidalPositionalEmbedding")
+            and type(attn.processor) is AttnProcessor2_0
+            and attn.group_norm is None and attn.spatial_norm is None and not attn.residual_connection
+            and all(plain_linear(p) for p in (attn.to_q, attn.to_k, attn.to_v)))
 
 
 def _projection_is_shareable(block, attention_mask, kwargs) -> bool:
     """attn1's input is ``norm1(x) + (a fixed additive table)`` and its projections are affine: see the module
     docstring. Anything else takes the exact per-view path."""
-    attn = block.attn1
-    pe = block.pos_embed
-    return (attention_mask is None and not kwargs and not block.only_cross_attention and not attn.is_cross_attention
-            and (pe is None or type(pe).__name__ == "SinusoidalPositionalEmbedding")
-            and type(attn.processor) is AttnProcessor2_0
-            and attn.group_norm is None and attn.spatial_norm is None and not attn.residual_connection
-            and all(plain_linear(p) for p in (attn.to_q, attn.to_k, attn.to_v)))
+    return (attention_mask is None and not block.only_cross_attention
+            and _plain_self_attention(block.attn1, block.pos_embed, kwargs))
 
 
 class BlockFusionHandle:

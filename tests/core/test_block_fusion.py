@@ -156,3 +156,38 @@ def test_a_non_default_attn1_processor_takes_the_exact_path():
             outs[shared] = basic(x)
         handle.remove()
     assert torch.equal(outs[True], outs[False])
+
+
+def test_a_non_default_attn2_processor_runs_attn2_as_the_module():
+    """attn1 shared, attn2 through its own (here: equivalent) processor: equal to the per-view path."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    basic, _ = _blocks()
+    basic.attn2.set_processor(AttnProcessor())
+    x = _x(2, 40)
+    outs = {}
+    for shared in (True, False):
+        handle = apply_block_fusion(basic, 16, 4, "pyramid", shared_projection=shared)
+        with torch.no_grad():
+            outs[shared] = basic(x)
+        handle.remove()
+    assert (outs[True] - outs[False]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["grad", "inference"])
+def test_shared_path_under_autograd_and_inference_mode(mode):
+    """The shared path's in-place steps are on fresh tensors: gradients flow, and inference mode runs it too."""
+    basic, _ = _blocks()
+    x = _x(2, 28)
+    with torch.no_grad():
+        expected = _reference_block(basic, x)
+    apply_block_fusion(basic, 16, 4)
+    if mode == "grad":
+        x.requires_grad_(True)
+        out = basic(x)
+        out.square().sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
+    else:
+        with torch.inference_mode():
+            out = basic(x)
+    assert (out.detach() - expected).abs().max() <= 1e-5
