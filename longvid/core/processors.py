@@ -145,7 +145,9 @@ class OpAttnProcessor:
         out = attn.to_out[1](out_proj.result().view(n, seq, -1))
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1:  # x / 1 == x exactly; skipping it saves a pass over the output
+            out = out / attn.rescale_output_factor
+        return out
 
     def _project_qkv(self, attn, x: torch.Tensor, cols: slice) -> torch.Tensor:
         """q, k and v of the heads in ``cols`` from one GEMM over the stacked weight rows ``(N, S, 3*g*D)``.
@@ -173,20 +175,23 @@ class GroupedOutput:
     any other module gets the concatenated input at the end."""
 
     def __init__(self, linear: torch.nn.Module, rows: int, like: torch.Tensor, in_features: int):
-        self.linear = linear
+        self.linear, self.dtype = linear, like.dtype
         if plain_linear(linear):
-            self.acc = like.new_zeros(rows, linear.out_features)  # (N*S, C_out)
-            if linear.bias is not None:
-                self.acc += linear.bias
-            self.parts = None
+            # created by the first group's product (bias included): no zero fill, no separate bias pass
+            self.acc, self.parts = None, None
         else:
             self.acc, self.parts = None, like.new_empty(rows, in_features)
 
     def add(self, heads_out: torch.Tensor, cols: slice) -> None:
         if self.parts is not None:
             self.parts[:, cols] = heads_out
+            return
+        weight, bias = self.linear.weight, self.linear.bias
+        if self.acc is None:
+            o = heads_out.to(self.dtype)
+            self.acc = torch.mm(o, weight[:, cols].T) if bias is None else torch.addmm(bias, o, weight[:, cols].T)
         else:
-            self.acc.addmm_(heads_out.to(self.acc.dtype), self.linear.weight[:, cols].T)
+            self.acc.addmm_(heads_out.to(self.acc.dtype), weight[:, cols].T)
 
     def result(self) -> torch.Tensor:
         return self.acc if self.parts is None else self.linear(self.parts)
