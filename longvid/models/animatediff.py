@@ -107,7 +107,8 @@ class AnimateDiffAdapter(ModelAdapter):
         chunk = runtime.decode_chunk if runtime is not None else 16
         for start in range(0, f, chunk):
             part = z[:, start:start + chunk].reshape(-1, c, h, w).to(vae.dtype)  # (B*f, C, h, w)
-            frames = vae.decode(part).sample.float()  # (B*f, 3, H, W)
+            with _tiling(vae, runtime):
+                frames = vae.decode(part).sample.float()  # (B*f, 3, H, W)
             yield frames.reshape(b, -1, *frames.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, 3, f, H, W)
 
     @torch.no_grad()
@@ -119,7 +120,8 @@ class AnimateDiffAdapter(ModelAdapter):
         for chunk in chunks:
             b, _, f, hh, ww = chunk.shape
             frames = chunk.permute(0, 2, 1, 3, 4).reshape(b * f, 3, hh, ww).to(vae_device(vae, self.device), vae.dtype)
-            z = vae.encode(frames).latent_dist.mode() * vae.config.scaling_factor  # (B*f, C, h, w)
+            with _tiling(vae, runtime):
+                z = vae.encode(frames).latent_dist.mode() * vae.config.scaling_factor  # (B*f, C, h, w)
             parts.append(z.float().reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4))  # (B, C, f, h, w)
         return torch.cat(parts, dim=2)
 
@@ -217,3 +219,14 @@ def _extended_sinusoid(module: torch.nn.Module, forward, x: torch.Tensor) -> tor
         extra[:, 0::2], extra[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
         table = torch.cat([table, extra.to(table.dtype)])
     return x + table[:seq].unsqueeze(0)
+
+
+@contextlib.contextmanager
+def _tiling(vae, runtime: RuntimeConfig | None) -> Iterator[None]:
+    """diffusers' own spatial tiling of the SD VAE for one call when ``runtime.vae_tiling`` (restored after)."""
+    before = vae.use_tiling
+    vae.use_tiling = bool(runtime is not None and runtime.vae_tiling)
+    try:
+        yield
+    finally:
+        vae.use_tiling = before

@@ -8,6 +8,7 @@ per token; 48-channel patchified VAE). The denoising maths mirrors diffusers==0.
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Iterator
 
 import torch
@@ -18,6 +19,7 @@ from longvid.core.context import AttentionSite, TokenLayout
 from longvid.core.processors import AttentionOp, GroupedOutput, head_groups, op_active, plain_linear
 from longvid.models.base import Conditioning, ModelAdapter, uses_cfg, vae_device
 from longvid.models.specs import WAN
+from longvid.models.wan_tiling import decode_tiled, encode_tiled
 from longvid.recipe.schema import RuntimeConfig, SamplerConfig
 
 
@@ -206,6 +208,11 @@ class WanAdapter(ModelAdapter):
         mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
         z = z / inv_std + mean  # same op order as WanPipeline for bit-exactness
+        ratio = vae.spatial_compression_ratio
+        if runtime is not None and runtime.vae_tiling and (z.shape[3] > vae.tile_sample_min_height // ratio or
+                                                           z.shape[4] > vae.tile_sample_min_width // ratio):
+            yield from decode_tiled(vae, z)  # diffusers' tiling condition (AutoencoderKLWan._decode)
+            return
         cache = [None] * vae._cached_conv_counts["decoder"]
         x = vae.post_quant_conv(z)
         for i in range(x.shape[2]):
@@ -222,14 +229,22 @@ class WanAdapter(ModelAdapter):
         from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
 
         vae = self.pipe.vae
-        cache = [None] * vae._cached_conv_counts["encoder"]
-        parts = []
-        for chunk in chunks:  # (B, 3, f, H, W)
-            x = chunk.to(vae_device(vae, self.device), vae.dtype)
-            if vae.config.patch_size is not None:
-                x = patchify(x, patch_size=vae.config.patch_size)
-            parts.append(vae.encoder(x, feat_cache=cache, feat_idx=[0]))  # (B, 2C, f', h, w)
-        moments = vae.quant_conv(torch.cat(parts, dim=2))
+        device = vae_device(vae, self.device)
+        chunks = iter(chunks)
+        first = next(chunks)
+        chunks = itertools.chain([first], chunks)
+        if runtime is not None and runtime.vae_tiling and (first.shape[3] > vae.tile_sample_min_height or
+                                                           first.shape[4] > vae.tile_sample_min_width):
+            moments = encode_tiled(vae, chunks, device)  # diffusers' tiling condition (AutoencoderKLWan._encode)
+        else:
+            cache = [None] * vae._cached_conv_counts["encoder"]
+            parts = []
+            for chunk in chunks:  # (B, 3, f, H, W)
+                x = chunk.to(device, vae.dtype)
+                if vae.config.patch_size is not None:
+                    x = patchify(x, patch_size=vae.config.patch_size)
+                parts.append(vae.encoder(x, feat_cache=cache, feat_idx=[0]))  # (B, 2C, f', h, w)
+            moments = vae.quant_conv(torch.cat(parts, dim=2))
         mode = moments[:, : vae.config.z_dim]  # DiagonalGaussianDistribution.mode() = mean
         dtype = torch.float32
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(mode.device, dtype)

@@ -86,6 +86,9 @@ class RuntimeConfig:
     """CPU threads for torch. None = torch's default."""
     offload: Literal["none", "model", "sequential"] = "none"
     """Move idle components to the CPU (``model``) to save GPU memory."""
+    vae_tiling: bool = False
+    """Decode (and encode pixel hand-offs) in overlapping spatial tiles, as diffusers' ``vae.enable_tiling()``,
+    still streamed frame by frame (Wan): bounds VAE memory at 1080p and 4K; frames equal diffusers' tiled ones."""
     decode_chunk: int = 16
     """Frames per VAE decode batch for 2D VAEs (AnimateDiff). Wan decodes one latent frame at a time."""
     checkpoint: Literal["off", "on_signal", "every_n"] = "off"
