@@ -1,0 +1,12 @@
+"""Pyramid Flow (arXiv 2410.05954): autoregressive pyramidal flow matching, written from the notes, on diffusers blocks.
+
+Built so far (each a small module with its tests; the family is not registered until it generates end to end):
+
+- ``scheduler.py``: the pyramid flow-matching schedule (stage tables, stage-local Euler steps, the stage jump's
+  renoising with closed-form block noise);
+- ``pyramid.py``: the spatial pyramid of a unit's noise, the clean-latent pyramid and the history each stage sees;
+- ``sequence.py``: one stage's token sequence: ``(p1 p2 c)`` patches of every clip, (τ, y, x) positions with
+  interpolated positions for low-resolution history, and the block-causal mask;
+- ``dit_flux.py``: the miniFLUX DiT as diffusers' ``FluxTransformer2DModel`` (the released keys load as they are)
+  with Pyramid Flow's own forward.
+"""

@@ -1,0 +1,47 @@
+"""The miniFLUX DiT: diffusers' ``FluxTransformer2DModel`` with Pyramid Flow's forward (notes §2.4–2.5).
+
+The released ``diffusion_transformer_*`` weights load into ``FluxTransformer2DModel(in_channels=64,
+num_layers=8, num_single_layers=16, attention_head_dim=64, num_attention_heads=30, joint_attention_dim=4096,
+pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 24, 24))`` key for key. Only the forward
+differs, so it is written here over the model's own modules: ``(p1 p2 c)`` patches of every clip, (τ, y, x)
+positions, the block-causal mask through the attention processors' ``attention_mask``, and the timestep on the
+0–1000 scale straight into ``time_text_embed`` (diffusers' forward computes ``(t/1000 in the model dtype)·1000``,
+which breaks bf16 parity). The output is the current clip's velocity; history tokens are computed and dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longvid.models.pyramid_flow.sequence import attention_mask, image_ids, pack, unpack
+
+#: ``FluxTransformer2DModel`` config of the released miniFLUX checkpoints (their config.json says patch 1 and
+#: 64 input channels: the 2×2 patch is the forward's, not the model's).
+MINIFLUX_CONFIG = dict(patch_size=1, in_channels=64, num_layers=8, num_single_layers=16, attention_head_dim=64,
+                       num_attention_heads=30, joint_attention_dim=4096, pooled_projection_dim=768,
+                       guidance_embeds=False, axes_dims_rope=(16, 24, 24))
+
+
+def flux_forward(model, clips: list[torch.Tensor], text: torch.Tensor, text_mask: torch.Tensor,
+                 pooled: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """Velocity of the current clip ``clips[-1]`` (B, 16, t, h, w) given the history ``clips[:-1]`` (oldest first),
+    T5 states ``text`` (B, L, 4096) with ``text_mask`` (B, L), the CLIP pooled vector (B, 768) and the global
+    ``timestep`` (B,) on the 0–1000 scale (already in the model's dtype, as the official pipeline casts it)."""
+    dtype = model.x_embedder.weight.dtype
+    tokens = torch.cat([pack(c) for c in clips], dim=1).to(dtype)  # (B, N, 64)
+    hidden = model.x_embedder(tokens)  # (B, N, D)
+    temb = model.time_text_embed(timestep.to(dtype), pooled.to(dtype))  # (B, D)
+    context = model.context_embedder(text.to(dtype))  # (B, L, D)
+    ids = torch.cat([torch.zeros(text.shape[1], 3), image_ids(clips)]).to(hidden.device)  # (L + N, 3)
+    rotary = model.pos_embed(ids)
+    kwargs = {"attention_mask": attention_mask(text_mask, clips).to(hidden.device)}
+    for block in model.transformer_blocks:
+        context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
+                                image_rotary_emb=rotary, joint_attention_kwargs=kwargs)
+    for block in model.single_transformer_blocks:
+        context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
+                                image_rotary_emb=rotary, joint_attention_kwargs=kwargs)
+    out = model.proj_out(model.norm_out(hidden, temb))  # (B, N, 64)
+    current = clips[-1]
+    n_cur = current.shape[2] * (current.shape[3] // 2) * (current.shape[4] // 2)
+    return unpack(out[:, -n_cur:], tuple(current.shape))

@@ -1,0 +1,225 @@
+"""Pyramid Flow foundations against the notes' reference values: the schedule's tables and jumps, the block noise,
+the spatial pyramid and the history each stage sees, the token sequence (patch order, positions, mask) and the
+miniFLUX DiT (the released key list exactly; the forward equal to diffusers' own on the same tokens)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longvid.models.pyramid_flow.dit_flux import MINIFLUX_CONFIG, flux_forward
+from longvid.models.pyramid_flow.pyramid import half, history, history_plan, pyramid, unit_noise
+from longvid.models.pyramid_flow.scheduler import PyramidSchedule, block_noise, euler_step, stage_jump
+from longvid.models.pyramid_flow.sequence import attention_mask, frame_index, image_ids, pack, unpack
+
+KEYS = Path(__file__).resolve().parents[3] / "shared" / "notes" / "pyramid-flow-keys"
+
+# --------------------------------------------------------------------------------------------- schedule
+
+
+def test_stage_tables_match_the_notes():
+    s = PyramidSchedule()
+    assert s.ori_start_sigmas == [1.0, 0.667, 0.334] and s.end_sigmas == [0.667, 0.334, 0.0]
+    assert [round(x, 5) for x in s.start_sigmas] == [1.0, 0.80024, 0.50075]
+    assert all(abs(x - 2 * e / (1 + e)) < 1e-12 for x, e in zip(s.start_sigmas[1:], s.ori_start_sigmas[1:]))
+    assert s.stage_timesteps == [(1000.0, 744.0), (744.0, 386.0), (386.0, 1.0)]
+
+
+def test_set_timesteps_and_local_ratios():
+    s = PyramidSchedule()
+    t = s.timesteps(10, 0)
+    assert t[0] == 1000 and abs(t[-1] - 744.256) < 1e-9 and abs(t[1] - 971.584) < 1e-9
+    assert abs(s.timesteps(10, 2)[-1] - 1.385) < 1e-9 and s.timesteps(20, 1)[0] == 744
+    assert s.timesteps(1, 1).tolist() == [744.0]
+    r = s.ratios(20)
+    assert r.shape == (21,) and r[0] == 1 and abs(r[-2] - 0.001) < 1e-12 and r[-1] == 0
+    assert s.ratios(1).tolist() == [1.0, 0.0]
+
+
+def test_jump_coefficients_and_the_isotropic_noise_they_make():
+    s = PyramidSchedule()
+    assert [tuple(round(v, 5) for v in s.jump(k)) for k in (1, 2)] == [(0.59988, 0.69303), (0.74963, 0.43366)]
+    for k in (1, 2):  # α²e²·11ᵀ + β²Σ = σ_start²·I: the jumped state has isotropic noise at the stage's start σ
+        alpha, beta = s.jump(k)
+        e, g = s.ori_start_sigmas[k], s.gamma
+        sigma = (1 + g) * torch.eye(4, dtype=torch.float64) - g * torch.ones(4, 4, dtype=torch.float64)
+        cov = alpha**2 * e**2 * torch.ones(4, 4, dtype=torch.float64) + beta**2 * sigma
+        assert torch.allclose(cov, s.start_sigmas[k] ** 2 * torch.eye(4, dtype=torch.float64), atol=1e-12)
+        assert abs(alpha * (1 - e) - (1 - s.start_sigmas[k])) < 1e-12  # and the clean signal's share matches
+
+
+def test_block_noise_closed_form_statistics():
+    g = torch.Generator().manual_seed(0)
+    n = block_noise((4000, 2, 8, 8), 1 / 3, g, dtype=torch.float64)
+    blocks = n.reshape(4000, 2, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(-1, 4)  # (samples, 4) per block
+    assert blocks.sum(1).abs().max() < 1e-12  # singular Σ at γ = 1/3: every block sums to zero
+    assert abs(n.var().item() - 1) < 0.02
+    cov = blocks.T @ blocks / blocks.shape[0]
+    target = (4 / 3) * torch.eye(4, dtype=torch.float64) - (1 / 3) * torch.ones(4, 4, dtype=torch.float64)
+    assert (cov - target).abs().max() < 0.03
+    other = block_noise((4000, 2, 8, 8), 0.2, torch.Generator().manual_seed(1), dtype=torch.float64)
+    b2 = other.reshape(4000, 2, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(-1, 4)
+    assert ((b2.T @ b2 / b2.shape[0]) - (1.2 * torch.eye(4, dtype=torch.float64) - 0.2)).abs().max() < 0.03
+    same = block_noise((2, 8, 8), 1 / 3, torch.Generator().manual_seed(5))
+    assert torch.equal(same, block_noise((2, 8, 8), 1 / 3, torch.Generator().manual_seed(5)))  # seeded, no global RNG
+    with pytest.raises(ValueError, match="gamma"):
+        block_noise((2, 2), 0.5)
+
+
+def test_stage_jump_is_nearest_upsampling_plus_scaled_block_noise():
+    x = torch.randn(1, 2, 3, 4, 4)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    out = stage_jump(x, 0.6, 0.7, 1 / 3, g1)
+    up = x.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    assert torch.allclose(out, 0.6 * up + 0.7 * block_noise((1, 2, 3, 8, 8), 1 / 3, g2), atol=1e-6)
+
+
+def test_euler_step_updates_in_float32_and_keeps_the_model_dtype():
+    x = torch.randn(64).bfloat16()
+    v = torch.randn(64).bfloat16()
+    out = euler_step(x, v, 0.778, 0.667)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, (x.float() + (0.667 - 0.778) * v.float()).bfloat16())
+    assert not torch.equal(out, x + (0.667 - 0.778) * v)  # a bf16 update would round differently
+
+
+# --------------------------------------------------------------------------------------------- pyramid
+
+
+def test_half_is_a_two_by_two_average_and_noise_keeps_unit_variance():
+    x = torch.randn(1, 3, 2, 8, 12, dtype=torch.float64)
+    pooled = F.avg_pool2d(x.permute(0, 2, 1, 3, 4).reshape(2, 3, 8, 12), 2).reshape(1, 2, 3, 4, 6)
+    assert (half(x) - pooled.permute(0, 2, 1, 3, 4)).abs().max() < 1e-12
+    noise = unit_noise((2, 16, 3, 64, 64), torch.Generator().manual_seed(0))
+    assert noise.shape == (2, 16, 3, 16, 16) and abs(noise.var().item() - 1) < 0.03
+
+
+def test_history_plans_for_units_1_to_5():
+    assert history_plan(1, 2) == [(0, 2)] and history_plan(2, 2) == [(0, 1), (1, 2)]
+    assert history_plan(3, 2) == [(0, 0), (1, 1), (2, 2)]
+    assert history_plan(5, 2) == [(0, 0), (1, 0), (2, 0), (3, 1), (4, 2)]
+    assert history_plan(5, 1) == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 1)]
+    assert history_plan(5, 0) == [(f, 0) for f in range(5)]
+    assert history_plan(0, 2) == []
+
+
+def test_history_clips_hold_the_planned_frames_at_their_resolutions():
+    latents = torch.arange(5.0).view(1, 1, 5, 1, 1).expand(1, 1, 5, 16, 16).contiguous()  # frame f holds f
+    levels = pyramid(latents)
+    assert [lv.shape[-1] for lv in levels] == [4, 8, 16]
+    clips = history(levels, 5, 2)
+    assert [tuple(c.shape[2:]) for c in clips] == [(3, 4, 4), (1, 8, 8), (1, 16, 16)]
+    assert [c[0, 0, :, 0, 0].tolist() for c in clips] == [[0.0, 1.0, 2.0], [3.0], [4.0]]
+
+
+# --------------------------------------------------------------------------------------------- sequence
+
+
+def test_patches_are_p1_p2_c_and_unpack_inverts_pack():
+    clip = torch.arange(2 * 1 * 2 * 2, dtype=torch.float32).view(1, 2, 1, 2, 2)  # C=2, one 2x2 patch
+    # (p1 p2 c): (0,0,c0), (0,0,c1), (0,1,c0), ... -> values c*4 + p1*2 + p2
+    assert pack(clip)[0, 0].tolist() == [0.0, 4.0, 1.0, 5.0, 2.0, 6.0, 3.0, 7.0]
+    x = torch.randn(2, 16, 3, 8, 12)
+    assert pack(x).shape == (2, 3 * 4 * 6, 64) and torch.equal(unpack(pack(x), tuple(x.shape)), x)
+
+
+def test_positions_interpolate_low_resolution_history():
+    clips = [torch.zeros(1, 16, 2, 8, 8), torch.zeros(1, 16, 1, 16, 16), torch.zeros(1, 16, 1, 32, 32)]
+    assert frame_index(clips).tolist() == [0] * 16 + [1] * 16 + [2] * 64 + [3] * 256
+    ids = image_ids(clips)  # current grid 16x16 tokens; 1/4 res rows at 1.5, 5.5, ...; 1/2 res at 0.5, 2.5, ...
+    assert ids[:4, 2].tolist() == [1.5, 5.5, 9.5, 13.5] and ids[32:40, 2].tolist() == [0.5 + 2 * i for i in range(8)]
+    assert ids[-1].tolist() == [3.0, 15.0, 15.0] and ids[16, 0] == 1
+
+
+@pytest.mark.parametrize("case", ["first frame", "u=3 stage 2", "u=3 stage 0"])
+def test_block_causal_mask(case):
+    text_mask = torch.tensor([[1, 1, 1, 0, 0]])  # two padded text tokens
+    if case == "first frame":
+        clips = [torch.zeros(1, 16, 1, 4, 4)]
+    elif case == "u=3 stage 2":
+        clips = [torch.zeros(1, 16, 1, 2, 2), torch.zeros(1, 16, 1, 4, 4), torch.zeros(1, 16, 1, 8, 8),
+                 torch.zeros(1, 16, 1, 8, 8)]
+    else:
+        clips = [torch.zeros(1, 16, 3, 2, 2), torch.zeros(1, 16, 1, 2, 2)]
+    mask = attention_mask(text_mask, clips)[0, 0]
+    tau = torch.cat([torch.zeros(5, dtype=torch.int64), frame_index(clips)])
+    valid = torch.cat([text_mask[0].bool(), torch.ones(len(tau) - 5, dtype=torch.bool)])
+    for i in range(len(tau)):  # the rule of notes §2.2, entry by entry
+        for j in range(len(tau)):
+            assert mask[i, j] == ((valid[i] == valid[j]) and tau[i] >= tau[j])
+    assert not mask[3:5, :3].any() and not mask[:3, 3:5].any() and mask[3:5, 3:5].all()  # padding isolated
+    assert mask[5:, :3].all()  # vision sees all real text
+    frame0 = tau == 0
+    assert torch.equal(mask[0], frame0 & valid)  # text sees text and frame 0 only
+    if case == "first frame":
+        assert mask[5:, 5:].all()  # one frame: full attention
+
+
+# --------------------------------------------------------------------------------------------- miniFLUX DiT
+
+
+def _released_keys(name: str) -> dict[str, tuple[int, ...]]:
+    keys = {}
+    for line in (KEYS / name).read_text().splitlines():
+        key, shape = line.split("\t")
+        keys[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+    return keys
+
+
+def test_the_miniflux_config_has_exactly_the_released_keys_and_shapes():
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**MINIFLUX_CONFIG)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == _released_keys("miniflux-dit-keys.txt")  # strict: no missing, no unexpected, same shapes
+    assert sum(math.prod(s) for s in ours.values()) == pytest.approx(1.9721e9, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**{**MINIFLUX_CONFIG, "num_layers": 2, "num_single_layers": 2,
+                                      "num_attention_heads": 2, "joint_attention_dim": 32,
+                                      "pooled_projection_dim": 24})
+    with torch.no_grad():  # diffusers zero-initialises the adaLN and output layers: perturb everything
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _flux_inputs():
+    torch.manual_seed(1)
+    clips = [torch.randn(2, 16, 2, 4, 4), torch.randn(2, 16, 1, 8, 8), torch.randn(2, 16, 1, 16, 16),
+             torch.randn(2, 16, 1, 16, 16)]
+    return clips, torch.randn(2, 5, 32), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]), torch.randn(2, 24)
+
+
+@torch.no_grad()
+def test_flux_forward_equals_diffusers_forward_on_the_same_tokens(tiny_flux):
+    clips, text, text_mask, pooled = _flux_inputs()
+    t = torch.tensor([700.0, 700.0])
+    ours = flux_forward(tiny_flux, clips, text, text_mask, pooled, t)
+    tokens = torch.cat([pack(c) for c in clips], 1)
+    out = tiny_flux(hidden_states=tokens, encoder_hidden_states=text, pooled_projections=pooled, timestep=t / 1000,
+                    img_ids=image_ids(clips), txt_ids=torch.zeros(5, 3),
+                    joint_attention_kwargs={"attention_mask": attention_mask(text_mask, clips)}, return_dict=False)[0]
+    assert ours.shape == (2, 16, 1, 16, 16)
+    assert torch.equal(ours, unpack(out[:, -64:], (2, 16, 1, 16, 16)))
+
+
+@torch.no_grad()
+def test_flux_forward_padded_text_is_inert_and_history_matters(tiny_flux):
+    clips, text, text_mask, pooled = _flux_inputs()
+    t = torch.tensor([500.0, 500.0])
+    base = flux_forward(tiny_flux, clips, text, text_mask, pooled, t)
+    padded = text.clone()
+    padded[1, 2:] += 5.0  # the padded tokens of the second prompt
+    assert torch.equal(flux_forward(tiny_flux, clips, padded, text_mask, pooled, t), base)
+    older = [c.clone() for c in clips]
+    older[0] += 1.0  # the oldest (1/4 resolution) history frames
+    assert (flux_forward(tiny_flux, older, text, text_mask, pooled, t) - base).abs().max() > 1e-3
