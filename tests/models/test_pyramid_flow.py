@@ -223,3 +223,72 @@ def test_flux_forward_padded_text_is_inert_and_history_matters(tiny_flux):
     older = [c.clone() for c in clips]
     older[0] += 1.0  # the oldest (1/4 resolution) history frames
     assert (flux_forward(tiny_flux, older, text, text_mask, pooled, t) - base).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------- SD3 DiT
+
+
+def test_the_sd3_config_has_exactly_the_released_keys_and_shapes_after_the_remap():
+    from longvid.models.pyramid_flow.dit_sd3 import build_sd3, remap_keys
+
+    with torch.device("meta"):
+        model = build_sd3()
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    released = _released_keys("sd3-dit-keys.txt")
+    assert ours == remap_keys(released)  # the 2-D sincos table is a persistent buffer: loaded, not recomputed
+    assert all(block.attn.norm_added_q.eps == 1e-5 for block in model.transformer_blocks)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3():
+    from longvid.models.pyramid_flow.dit_sd3 import build_sd3
+
+    torch.manual_seed(0)
+    model = build_sd3(sample_size=32, num_layers=2, num_attention_heads=2, caption_projection_dim=128,
+                      joint_attention_dim=32, pooled_projection_dim=24, pos_embed_max_size=48)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@torch.no_grad()
+def test_sd3_first_frame_equals_diffusers_sd3_forward(tiny_sd3):
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from longvid.models.pyramid_flow.dit_sd3 import PyramidJointProcessor, sd3_forward
+
+    torch.manual_seed(2)
+    x, text, pooled, t = torch.randn(2, 16, 1, 16, 16), torch.randn(2, 5, 32), torch.randn(2, 24), torch.tensor([700.0] * 2)
+    ours = sd3_forward(tiny_sd3, [x], text, torch.ones(2, 5, dtype=torch.long), pooled, t)
+    # one frame, no padding: τ = 0 everywhere (RoPE is the identity) and the mask is all True, so Pyramid Flow's
+    # forward is SD3's up to the order of text and vision tokens
+    for block in tiny_sd3.transformer_blocks:
+        block.attn.set_processor(JointAttnProcessor2_0())
+    try:
+        reference = tiny_sd3(hidden_states=x[:, :, 0], encoder_hidden_states=text, pooled_projections=pooled,
+                             timestep=t, return_dict=False)[0]
+    finally:
+        for block in tiny_sd3.transformer_blocks:
+            block.attn.set_processor(PyramidJointProcessor())
+    assert (ours[:, :, 0] - reference).abs().max() < 1e-5 and reference.abs().max() > 0.1
+
+
+@torch.no_grad()
+def test_sd3_padded_text_is_inert_and_history_and_time_matter(tiny_sd3):
+    from longvid.models.pyramid_flow.dit_sd3 import sd3_forward
+
+    torch.manual_seed(3)
+    clips = [torch.randn(2, 16, 2, 4, 4), torch.randn(2, 16, 1, 8, 8), torch.randn(2, 16, 1, 16, 16),
+             torch.randn(2, 16, 1, 16, 16)]
+    text, mask, pooled = torch.randn(2, 5, 32), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]), torch.randn(2, 24)
+    t = torch.tensor([500.0, 500.0])
+    base = sd3_forward(tiny_sd3, clips, text, mask, pooled, t)
+    padded = text.clone()
+    padded[1, 2:] -= 3.0
+    assert torch.equal(sd3_forward(tiny_sd3, clips, padded, mask, pooled, t), base)
+    older = [c.clone() for c in clips]
+    older[1] += 1.0  # the 1/2-resolution history frame
+    assert (sd3_forward(tiny_sd3, older, text, mask, pooled, t) - base).abs().max() > 1e-3
+    # the temporal RoPE: the same clips renumbered (one more history frame) change the output
+    assert (sd3_forward(tiny_sd3, [clips[0][:, :, :1]] + clips, text, mask, pooled, t) - base).abs().max() > 1e-4

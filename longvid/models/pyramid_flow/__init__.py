@@ -8,5 +8,10 @@ Built so far (each a small module with its tests; the family is not registered u
 - ``sequence.py``: one stage's token sequence: ``(p1 p2 c)`` patches of every clip, (τ, y, x) positions with
   interpolated positions for low-resolution history, and the block-causal mask;
 - ``dit_flux.py``: the miniFLUX DiT as diffusers' ``FluxTransformer2DModel`` (the released keys load as they are)
-  with Pyramid Flow's own forward.
+  with Pyramid Flow's own forward;
+- ``dit_sd3.py``: the SD3-initialised DiT on diffusers' ``SD3Transformer2DModel`` blocks (key remap, qk eps 1e-5,
+  a joint-attention processor with the temporal RoPE and the mask, the pos-embed crop and its resized copies).
+
+Still to build (issue 11): the causal video VAE, the text encoders, the autoregressive loop through the engine's
+loop seam, loading of the official folders and single files, recipes and docs/models/pyramid-flow.md.
 """
