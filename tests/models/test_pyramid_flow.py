@@ -292,3 +292,59 @@ def test_sd3_padded_text_is_inert_and_history_and_time_matter(tiny_sd3):
     assert (sd3_forward(tiny_sd3, older, text, mask, pooled, t) - base).abs().max() > 1e-3
     # the temporal RoPE: the same clips renumbered (one more history frame) change the output
     assert (sd3_forward(tiny_sd3, [clips[0][:, :, :1]] + clips, text, mask, pooled, t) - base).abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------------------------- causal VAE
+
+
+def test_the_vae_has_exactly_the_released_keys_and_size():
+    from longvid.models.pyramid_flow.vae import CausalVideoVAE
+
+    with torch.device("meta"):
+        vae = CausalVideoVAE()
+    ours = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    assert ours == _released_keys("causal-vae-keys.txt")
+    assert sum(p.numel() for p in vae.parameters()) == pytest.approx(0.3354e9, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    from longvid.models.pyramid_flow.vae import CausalVideoVAE
+
+    torch.manual_seed(0)
+    return CausalVideoVAE(channels=(8, 16, 16, 16), encoder_layers=1, decoder_layers=1, groups=4).eval()
+
+
+@torch.no_grad()
+def test_vae_compression_and_exact_chunked_decode(tiny_vae):
+    x = torch.rand(1, 3, 17, 64, 64) * 2 - 1
+    assert tiny_vae.encode(x, sample=False).shape == (1, 16, 3, 8, 8)  # 1 + 8k frames -> 1 + k latents
+    with pytest.raises(ValueError, match="1 \\+ 8k"):
+        tiny_vae.encode(x[:, :, :16])
+    z = torch.randn(1, 16, 4, 8, 8)
+    plain = tiny_vae.decode(z)
+    assert plain.shape == (1, 3, 25, 64, 64) and plain.abs().max() <= 1
+    for window in (1, 2, 3):
+        chunks = list(tiny_vae.decode_chunks(z, window))
+        assert chunks[0].shape[2] == 1 + 8 * window and all(c.shape[2] == 8 * window for c in chunks[1:-1])
+        assert (torch.cat(chunks, 2) - plain).abs().max() < 1e-5
+    # causal: the first frames do not depend on later latents
+    later = z.clone()
+    later[:, :, 2:] += 1.0
+    assert torch.equal(tiny_vae.decode(later)[:, :, :9], plain[:, :, :9])
+
+
+@torch.no_grad()
+def test_vae_posterior_sampling_is_seeded_and_latent_stats_invert(tiny_vae):
+    from longvid.models.pyramid_flow.vae import LATENT_STATS, denormalize, normalize
+
+    x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    a = tiny_vae.encode(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, tiny_vae.encode(x, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, tiny_vae.encode(x, sample=False))
+    z = torch.randn(1, 16, 3, 4, 4)
+    for stats in LATENT_STATS.values():
+        n = normalize(z, stats)
+        assert torch.allclose(denormalize(n, stats), z, atol=1e-6)
+        assert torch.allclose(n[:, :, 0], (z[:, :, 0] - stats[0]) * stats[1])  # the image frame's own statistics
+        assert torch.allclose(denormalize(n[:, :, 1:], stats, first_is_image=False), z[:, :, 1:], atol=1e-6)

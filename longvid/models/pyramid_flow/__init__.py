@@ -12,6 +12,9 @@ Built so far (each a small module with its tests; the family is not registered u
 - ``dit_sd3.py``: the SD3-initialised DiT on diffusers' ``SD3Transformer2DModel`` blocks (key remap, qk eps 1e-5,
   a joint-attention processor with the temporal RoPE and the mask, the pos-embed crop and its resized copies).
 
-Still to build (issue 11): the causal video VAE, the text encoders, the autoregressive loop through the engine's
+- ``vae.py``: the causal video VAE (the released key list exactly), plain and exact chunked decode, encode with a
+  seeded posterior sample, the per-frame latent statistics.
+
+Still to build (issue 11): tiled VAE decode, the text encoders, the autoregressive loop through the engine's
 loop seam, loading of the official folders and single files, recipes and docs/models/pyramid-flow.md.
 """
