@@ -348,3 +348,77 @@ def test_vae_posterior_sampling_is_seeded_and_latent_stats_invert(tiny_vae):
         assert torch.allclose(denormalize(n, stats), z, atol=1e-6)
         assert torch.allclose(n[:, :, 0], (z[:, :, 0] - stats[0]) * stats[1])  # the image frame's own statistics
         assert torch.allclose(denormalize(n[:, :, 1:], stats, first_is_image=False), z[:, :, 1:], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- the AR loop
+
+
+def _cond(tiny_flux, seed, batch=2):
+    from longvid.models.pyramid_flow.loop import TextCondition
+
+    g = torch.Generator().manual_seed(seed)
+    return TextCondition(torch.randn(batch, 5, 32, generator=g), torch.ones(batch, 5, dtype=torch.long),
+                         torch.randn(batch, 24, generator=g))
+
+
+def _run(tiny_flux, seed=0, condition=None, **kw):
+    from longvid.models.pyramid_flow.loop import UnitSettings, generate_units
+
+    calls = []
+
+    def dit(clips, text, mask, pooled, t):
+        calls.append((len(clips), clips[-1].shape[0], tuple(clips[-1].shape[-2:]), float(t[0])))
+        return flux_forward(tiny_flux, clips, text, mask, pooled, t)
+
+    settings = kw.pop("settings", UnitSettings(image_steps=(2, 1, 1), video_steps=(1, 1, 1), guidance=4.0,
+                                               video_guidance=2.0))
+    cond = _cond(tiny_flux, 7)
+    with torch.no_grad():
+        out = generate_units(dit, condition or (lambda u: cond), (1, 16, 4, 16, 16), torch.Generator().manual_seed(seed),
+                             settings, **kw)
+    return out, calls
+
+
+def test_t2v_runs_units_and_stages_as_planned(tiny_flux):
+    out, calls = _run(tiny_flux)
+    assert out.shape == (1, 16, 4, 16, 16) and torch.isfinite(out).all()
+    assert len(calls) == 4 + 3 * 3  # unit 0: 2+1+1 steps; units 1..3: 1+1+1
+    assert [c[2] for c in calls[:4]] == [(4, 4), (4, 4), (8, 8), (16, 16)]  # stages at 1/4, 1/2, full
+    assert calls[0][3] == 1000.0 and calls[2][3] == 744.0 and calls[3][3] == 386.0
+    assert all(c[1] == 2 for c in calls)  # CFG: [uncond, cond]
+    assert [c[0] for c in calls[4:7]] == [2, 2, 2]  # unit 1: one history clip + the current one at every stage
+    assert [c[0] for c in calls[-3:]] == [2, 3, 4]  # unit 3: [0..2 @1/4] | [0..1 @1/4, 2 @1/2] | [0 @1/4, 1 @1/2, 2]
+    again, _ = _run(tiny_flux)
+    other, _ = _run(tiny_flux, seed=1)
+    assert torch.equal(out, again) and (out - other).abs().max() > 1e-3
+
+
+def test_guidance_zero_turns_cfg_off_everywhere(tiny_flux):
+    from longvid.models.pyramid_flow.loop import UnitSettings
+
+    cond = _cond(tiny_flux, 7, batch=1)
+    _, calls = _run(tiny_flux, condition=lambda u: cond,
+                    settings=UnitSettings((1, 1, 1), (1, 1, 1), guidance=0.0, video_guidance=5.0))
+    assert all(c[1] == 1 for c in calls)
+
+
+def test_i2v_keeps_the_image_latent_as_unit_0(tiny_flux):
+    image = torch.randn(1, 16, 1, 16, 16)
+    out, calls = _run(tiny_flux, first=image)
+    assert torch.equal(out[:, :, :1], image) and len(calls) == 3 * 3  # only the three video units are generated
+
+
+def test_a_prompt_switch_changes_only_later_units(tiny_flux):
+    a, b = _cond(tiny_flux, 7), _cond(tiny_flux, 8)
+    base, _ = _run(tiny_flux, condition=lambda u: a)
+    switched, _ = _run(tiny_flux, condition=lambda u: a if u < 2 else b)
+    assert torch.equal(switched[:, :, :2], base[:, :, :2])
+    assert (switched[:, :, 2:] - base[:, :, 2:]).abs().max() > 1e-3
+
+
+def test_resume_at_a_unit_boundary_is_bit_identical(tiny_flux):
+    states = {}
+    full, _ = _run(tiny_flux, on_unit=lambda done, capture: states.setdefault(done, capture()))
+    assert sorted(states) == [1, 2, 3, 4]
+    resumed, calls = _run(tiny_flux, resume=states[2])
+    assert torch.equal(resumed, full) and len(calls) == 2 * 3  # units 2 and 3 only

@@ -15,6 +15,9 @@ Built so far (each a small module with its tests; the family is not registered u
 - ``vae.py``: the causal video VAE (the released key list exactly), plain and exact chunked decode, encode with a
   seeded posterior sample, the per-frame latent statistics.
 
-Still to build (issue 11): tiled VAE decode, the text encoders, the autoregressive loop through the engine's
-loop seam, loading of the official folders and single files, recipes and docs/models/pyramid-flow.md.
+- ``loop.py``: the autoregressive generation (t2v and i2v), classifier-free guidance as the official gate,
+  per-unit prompts, a seeded RNG plan, resumable at unit boundaries.
+
+Still to build (issue 11): tiled VAE decode, the text encoders, the adapter that runs ``loop.py`` through the
+engine's loop seam, loading of the official folders and single files, recipes and docs/models/pyramid-flow.md.
 """
