@@ -2,6 +2,7 @@
 the spatial pyramid and the history each stage sees, the token sequence (patch order, positions, mask) and the
 miniFLUX DiT (the released key list exactly; the forward equal to diffusers' own on the same tokens)."""
 
+import json
 import math
 from pathlib import Path
 
@@ -422,3 +423,94 @@ def test_resume_at_a_unit_boundary_is_bit_identical(tiny_flux):
     assert sorted(states) == [1, 2, 3, 4]
     resumed, calls = _run(tiny_flux, resume=states[2])
     assert torch.equal(resumed, full) and len(calls) == 2 * 3  # units 2 and 3 only
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _tiny_official_folder(root: Path, kind: str, tiny_flux, tiny_sd3, tiny_vae, vae_bin: bool = True) -> Path:
+    """An official-layout folder at tiny sizes: the released key names, config.json, pickled VAE as miniflux has."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from longvid.models import tiny
+
+    dit = root / "diffusion_transformer_384p"
+    dit.mkdir(parents=True)
+    if kind == "miniflux":
+        state = {k: v.contiguous() for k, v in tiny_flux.state_dict().items()}
+        config = {"_class_name": "PyramidFluxTransformer", **{k: tiny_flux.config[k] for k in (
+            "num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+            "pooled_projection_dim")}, "axes_dims_rope": list(tiny_flux.config.axes_dims_rope), "patch_size": 1,
+            "in_channels": 64, "use_temporal_causal": True, "interp_condition_pos": True}
+    else:
+        released = {k.replace(".norm_added_q.", ".norm_add_q.").replace(".norm_added_k.", ".norm_add_k."): v
+                    for k, v in tiny_sd3.state_dict().items()}
+        state = {k: v.contiguous() for k, v in released.items()}
+        config = {"_class_name": "PyramidDiffusionMMDiT", **{k: tiny_sd3.config[k] for k in (
+            "sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+            "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "pos_embed_max_size")},
+            "qk_norm": "rms_norm", "max_num_frames": 200, "pos_embed_type": "sincos"}
+    save_file(state, str(dit / "diffusion_pytorch_model.safetensors"))
+    (dit / "config.json").write_text(json.dumps(config))
+    vae = root / "causal_video_vae"
+    vae.mkdir()
+    if vae_bin:
+        torch.save(dict(tiny_vae.state_dict()), vae / "diffusion_pytorch_model.bin")
+    else:
+        save_file({k: v.contiguous() for k, v in tiny_vae.state_dict().items()},
+                  str(vae / "diffusion_pytorch_model.safetensors"))
+    (vae / "config.json").write_text(json.dumps({"_class_name": "CausalVideoVAE", "norm_num_groups": 4}))
+    clip_tok, t5_tok = tiny.clip_tokenizer(), tiny.t5_tokenizer(128)
+    clip_cfg = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=24, intermediate_size=37,
+                    num_attention_heads=4, num_hidden_layers=1, vocab_size=len(clip_tok), max_position_embeddings=77)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+    encoders = ([CLIPTextModel(CLIPTextConfig(**clip_cfg)), t5] if kind == "miniflux" else
+                [CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg, projection_dim=8)),
+                 CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg, projection_dim=16)), t5])
+    for i, encoder in enumerate(encoders):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        encoder.save_pretrained(root / f"text_encoder{suffix}")
+        (t5_tok if encoder is t5 else clip_tok).save_pretrained(root / f"tokenizer{suffix}")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["miniflux", "sd3"])
+def test_an_official_layout_folder_loads_strictly(kind, tmp_path, tiny_flux, tiny_sd3, tiny_vae):
+    from longvid.models.pyramid_flow.load import load_folder
+    from longvid.models.pyramid_flow.text import encode
+
+    root = _tiny_official_folder(tmp_path / kind, kind, tiny_flux, tiny_sd3, tiny_vae, vae_bin=kind == "miniflux")
+    parts = load_folder(root, "diffusion_transformer_384p", torch.float32, torch.float32, torch.float32)
+    assert parts["kind"] == kind
+    reference = tiny_flux if kind == "miniflux" else tiny_sd3
+    assert all(torch.equal(a, b) for a, b in zip(parts["dit"].state_dict().values(), reference.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(parts["vae"].state_dict().values(), tiny_vae.state_dict().values()))
+    cond = encode(parts, ["a red fox", "a calm lake at dawn"], torch.device("cpu"))
+    assert cond.text.shape == (2, 128, 32) and cond.mask.shape == (2, 128)
+    assert cond.pooled.shape == (2, 24 if kind == "miniflux" else 8 + 16)  # CLIP-L pooled / CLIP-L + CLIP-G projected
+    assert cond.mask[0].sum() < cond.mask[1].sum()  # the shorter prompt has more padding
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused(tmp_path, tiny_flux, tiny_sd3, tiny_vae):
+    from safetensors.torch import load_file, save_file
+
+    from longvid.errors import ModelLoadError
+    from longvid.models.pyramid_flow.load import load_folder
+
+    root = _tiny_official_folder(tmp_path / "m", "miniflux", tiny_flux, tiny_sd3, tiny_vae)
+    weights = root / "diffusion_transformer_384p" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state.pop("proj_out.bias")
+    save_file(state, str(weights))
+    with pytest.raises(ModelLoadError, match="missing 1: \\['proj_out.bias'\\]"):
+        load_folder(root, "diffusion_transformer_384p", torch.float32, torch.float32, torch.float32)
+    with pytest.raises(ModelLoadError, match="no diffusion_transformer_768p"):
+        load_folder(root, "diffusion_transformer_768p", torch.float32, torch.float32, torch.float32)
+    # a pickle with code in it is not a tensor checkpoint: weights_only refuses it
+    (root / "causal_video_vae" / "diffusion_pytorch_model.bin").write_bytes(
+        b"\x80\x04\x95\x1b\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94.")
+    from longvid.models.pyramid_flow.load import read_state
+
+    with pytest.raises(ModelLoadError, match="not a plain tensor checkpoint"):
+        read_state(root / "causal_video_vae")

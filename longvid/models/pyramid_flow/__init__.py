@@ -18,6 +18,10 @@ Built so far (each a small module with its tests; the family is not registered u
 - ``loop.py``: the autoregressive generation (t2v and i2v), classifier-free guidance as the official gate,
   per-unit prompts, a seeded RNG plan, resumable at unit boundaries.
 
-Still to build (issue 11): tiled VAE decode, the text encoders, the adapter that runs ``loop.py`` through the
-engine's loop seam, loading of the official folders and single files, recipes and docs/models/pyramid-flow.md.
+- ``text.py``: T5 states (128, masked) and pooled CLIP (L, or L + G) of prompts;
+- ``load.py``: an official-layout folder loaded strictly (DiT kind from its keys, VAE sizes from its weights,
+  safetensors or ``weights_only`` pickles, transformers text encoders).
+
+Still to build (issue 11): tiled VAE decode, the adapter that runs ``loop.py`` through the
+engine's loop seam, hub download, single-file DiT/VAE, recipes and docs/models/pyramid-flow.md.
 """
