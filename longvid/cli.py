@@ -306,8 +306,10 @@ def models():
 
     for family in registry.MODELS:
         out.print(f"{family:14s} {registry.model_spec(family).description}")
-        tiny = ", ".join(f"tiny:{v}" for v, f in TINY_VARIANTS.items() if f == family)
-        out.print(f"{'':14s} tiny models: {tiny}  (e.g. longvid generate --recipe <recipe> model.path=tiny:{family})")
+        variants = [v for v, f in TINY_VARIANTS.items() if f == family]
+        tiny = ", ".join(f"tiny:{v}" for v in variants)
+        out.print(f"{'':14s} tiny models: {tiny}  (e.g. longvid generate --recipe <recipe> "
+                  f"model.path=tiny:{variants[0]})")
 
 
 @app.command()

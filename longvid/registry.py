@@ -15,6 +15,7 @@ from typing import Any
 MODELS: dict[str, tuple[str, str]] = {
     "wan": ("longvid.models.specs:WAN", "longvid.models.wan:WanAdapter"),
     "animatediff": ("longvid.models.specs:ANIMATEDIFF", "longvid.models.animatediff:AnimateDiffAdapter"),
+    "pyramid_flow": ("longvid.models.specs:PYRAMID_FLOW", "longvid.models.pyramid_flow.adapter:PyramidFlowAdapter"),
 }
 
 #: method name -> Method class (its module must not import torch at import time)

@@ -161,7 +161,7 @@ def _run_stage(adapter: ModelAdapter, recipe: Recipe, plan: StagePlan, plans: li
         job = StageJob(denoise=denoise, cond=cond, latents=latents, scheduler=scheduler, timesteps=timesteps,
                        start=plan.start_step, ctx=ctx, generator=generator,
                        step_kwargs=adapter.step_kwargs(scheduler, generator, plan.sampler),
-                       on_step=steps.reporter(plan, methods), resume=loop_state, plan=plan)
+                       on_step=steps.reporter(plan, methods), resume=loop_state, plan=plan, recipe=recipe)
         x = adapter.sample_stage(job)
     record["denoise_s"] = round(time.perf_counter() - tick, 4)
     return x
@@ -172,6 +172,8 @@ def _check_schedulers(adapter: ModelAdapter, recipe: Recipe, checkpointing: bool
     scheduler that cannot take this model's schedule (a flow model with an epsilon-only scheduler, a bad
     setting), a second-order one (its timesteps repeat: longvid's step counting and strength assume one model
     call per step) or, when checkpointing, one whose state cannot be saved, is one line."""
+    if adapter.spec.loop != "steps":  # the family runs its own schedule (Pyramid Flow)
+        return
     for plan in plan_stages(recipe):
         key = f"stages.{plan.name}.sampler" if recipe.stages else "sampler"
         name = plan.sampler.scheduler or type(adapter.pipe.scheduler).__name__

@@ -126,9 +126,10 @@ def test_models_lists_the_families_and_their_tiny_models():
     result = invoke("models")
     assert result.exit_code == 0
     lines = result.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines if not line.startswith(" ")] == ["wan", "animatediff"]
+    assert [line.split()[0] for line in lines if not line.startswith(" ")] == ["wan", "animatediff", "pyramid_flow"]
     tiny = [line.split("tiny models: ")[1].split("  ")[0] for line in lines if "tiny models:" in line]
-    assert tiny == ["tiny:wan, tiny:wan2.2-a14b, tiny:wan2.2-ti2v", "tiny:animatediff"]
+    assert tiny == ["tiny:wan, tiny:wan2.2-a14b, tiny:wan2.2-ti2v", "tiny:animatediff", "tiny:pyramid-flow"]
+    assert "model.path=tiny:pyramid-flow)" in result.stdout  # the example names a real tiny model
 
 
 def test_version():

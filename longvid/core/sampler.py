@@ -53,6 +53,7 @@ class StageJob:
     on_step: StepReport | None = None
     resume: LoopState | None = None
     plan: Any = None  # the StagePlan (sizes, sampler, methods), for loops that need more than the schedule
+    recipe: Any = None  # the run's Recipe (family options such as Pyramid Flow's per-stage steps)
 
 
 def set_timesteps(scheduler, steps: int, device: torch.device, start: int = 0) -> torch.Tensor:

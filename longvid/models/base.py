@@ -39,7 +39,7 @@ from longvid.recipe.schema import ModelConfig, Recipe, RuntimeConfig, SamplerCon
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: Recipe keys fixed when a model is loaded; every other key is read per run.
-LOAD_KEYS = ("model.family", "model.path", "model.motion_adapter", "model.revision", "model.dtype",
+LOAD_KEYS = ("model.family", "model.path", "model.motion_adapter", "model.revision", "model.variant", "model.dtype",
              "model.text_encoder_dtype", "model.vae_dtype", "model.local_files_only", "runtime.device",
              "runtime.offload")
 

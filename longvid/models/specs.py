@@ -6,7 +6,7 @@ These are read by ``longvid show`` / ``validate`` (which never import torch) and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, List, Optional
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,15 @@ class FamilySpec:
     scheduler: str = ""
     rope_theta: float | None = None
     riflex_k: int | None = None
+    loop: str = "steps"
+    """``steps``: a denoising loop over one schedule; ``units``: an autoregressive loop (Pyramid Flow) whose progress,
+    checkpoints and resume count latent units instead of steps."""
+    options: type | None = None
+    """The dataclass of ``model.options`` for this family (None: the family takes no options)."""
+    variants: tuple[str, ...] = ()
+    """``model.variant`` values (the first is the default); empty: the family has none."""
+    check: Callable[[Any], list[tuple[str, str]]] | None = None
+    """Family rules beyond the generic ones: ``check(recipe) -> [(dotted key, message)]`` (torch-free)."""
 
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames for ``num_frames`` video frames (Wan: (F-1)/4 + 1)."""
@@ -105,5 +114,76 @@ ANIMATEDIFF = FamilySpec(
 )
 
 
+@dataclass
+class PyramidFlowOptions:
+    """``model.options`` of Pyramid Flow (notes §5.3): the first latent is generated as an image, the later ones
+    as video units with the temporal pyramid history."""
+
+    image_steps: List[int] = field(default_factory=lambda: [20, 20, 20])
+    """Steps of each pyramid stage for the first (image) unit."""
+    video_steps: Optional[List[int]] = None
+    """Steps of each pyramid stage for every later unit. None = ``sampler.steps`` at every stage."""
+    video_guidance_scale: float = 5.0
+    """Guidance of the video units (``sampler.guidance_scale`` guides the image unit; 0 there turns CFG off for all,
+    as the official pipeline)."""
+    prompt_suffix: bool = True
+    """Append the official ", hyper quality, Ultra HD, 8K" to the prompt."""
+
+    def __post_init__(self):
+        for key in ("image_steps", "video_steps"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != 3 or any(not isinstance(n, int) or n < 1 for n in value)):
+                raise ValueError(f"model.options.{key} must be three step counts >= 1 (one per pyramid stage), got "
+                                 f"{list(value)}")
+        if self.video_guidance_scale < 0:
+            raise ValueError(f"model.options.video_guidance_scale must be >= 0, got {self.video_guidance_scale}")
+
+
+#: the longest video each released resolution was trained for (latent units): 384p temp 16, 768p temp 31
+PYRAMID_TRAINED_UNITS = {"diffusion_transformer_384p": 16, "diffusion_transformer_768p": 31,
+                         "diffusion_transformer_image": 1}
+
+
+def _check_pyramid_flow(recipe) -> list[tuple[str, str]]:
+    problems = []
+    if recipe.stages:
+        problems.append(("stages", "Pyramid Flow generates in one pass (its own spatial pyramid); remove stages"))
+    if recipe.model.dtype == "float16":
+        problems.append(("model.dtype", "Pyramid Flow gives NaNs (black video) in float16; use bfloat16 or float32"))
+    if recipe.sampler.scheduler is not None:
+        problems.append(("sampler.scheduler", "Pyramid Flow has its own pyramid flow-matching schedule; remove it"))
+    variant = recipe.model.variant or PYRAMID_FLOW.variants[0]
+    units = PYRAMID_FLOW.latent_frames(recipe.video.num_frames or 1)
+    limit = PYRAMID_TRAINED_UNITS.get(variant)
+    if limit is not None and units > limit:
+        problems.append(("video.num_frames", f"{variant} was trained for up to {limit} latents "
+                                             f"({1 + 8 * (limit - 1)} frames); {recipe.video.num_frames} frames need "
+                                             f"{units}"))
+    return problems
+
+
+PYRAMID_FLOW = FamilySpec(
+    name="pyramid_flow",
+    description="Pyramid Flow: autoregressive pyramidal flow matching (miniFLUX or SD3 DiT, causal 8x8x8 VAE)",
+    temporal_stride=8,
+    spatial_multiple=64,
+    native_frames=121,
+    latent_channels=16,
+    patch_spatial=2,
+    cuda_dtype="bfloat16",
+    loop="units",
+    options=PyramidFlowOptions,
+    variants=("diffusion_transformer_384p", "diffusion_transformer_768p", "diffusion_transformer_image"),
+    check=_check_pyramid_flow,
+    defaults={
+        "video": {"num_frames": 121, "height": 384, "width": 640, "fps": 24},
+        "sampler": {"steps": 10, "guidance_scale": 7.0, "max_sequence_length": 128},
+        "negative_prompt": "cartoon style, worst quality, low quality, blurry, absolute black, absolute white, low res, "
+                           "extra limbs, extra digits, misplaced objects, mutated anatomy, monochrome, horror",
+    },
+)
+
+
 #: ``model.path: tiny:<variant>`` -> family of the built-in random-weight model (see models/tiny.py)
-TINY_VARIANTS = {"wan": "wan", "wan2.2-a14b": "wan", "wan2.2-ti2v": "wan", "animatediff": "animatediff"}
+TINY_VARIANTS = {"wan": "wan", "wan2.2-a14b": "wan", "wan2.2-ti2v": "wan", "animatediff": "animatediff",
+                 "pyramid-flow": "pyramid_flow"}

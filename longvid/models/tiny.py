@@ -18,7 +18,7 @@ _CHARS = list(string.ascii_letters + string.digits + ".,!?'-")
 
 #: tiny variant -> builder (the family of each is ``specs.TINY_VARIANTS``)
 VARIANTS = {"wan": "tiny_wan", "wan2.2-a14b": "tiny_wan22_moe", "wan2.2-ti2v": "tiny_wan22_ti2v",
-            "animatediff": "tiny_animatediff"}
+            "animatediff": "tiny_animatediff", "pyramid-flow": "tiny_pyramid_flow"}
 
 
 def build(variant: str, seed: int = TINY_SEED):
@@ -122,3 +122,25 @@ def tiny_animatediff():
                                 steps_offset=1, timestep_spacing="linspace")
     return d.AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, motion_adapter=adapter,
                                  scheduler=scheduler, feature_extractor=None, image_encoder=None)
+
+
+def tiny_pyramid_flow():
+    """Pyramid Flow (miniFLUX): the Flux DiT with 2 + 2 blocks of 2 heads x 64, the causal VAE at widths 8/16,
+    CLIP-L (24 wide) and T5 (32 wide) encoders."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from longvid.models.pyramid_flow.adapter import PyramidPipeline
+    from longvid.models.pyramid_flow.dit_flux import MINIFLUX_CONFIG
+    from longvid.models.pyramid_flow.vae import CausalVideoVAE
+
+    dit = FluxTransformer2DModel(**{**MINIFLUX_CONFIG, "num_layers": 2, "num_single_layers": 2,
+                                    "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 24})
+    vae = CausalVideoVAE(channels=(8, 16, 16, 16), encoder_layers=1, decoder_layers=1, groups=4)
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(128)
+    clip = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=24,
+                                        intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+                                        vocab_size=len(clip_tok), max_position_embeddings=77))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+    return PyramidPipeline("miniflux", dit, vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+                           tokenizer_2=t5_tok)

@@ -29,6 +29,12 @@ class ModelConfig:
     """AnimateDiff only: MotionAdapter hub id or directory. None when ``path`` is a saved AnimateDiff pipeline."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) to load."""
+    variant: Optional[str] = None
+    """Which of a checkpoint's denoisers to load, for families that ship several (Pyramid Flow:
+    ``diffusion_transformer_384p`` or ``diffusion_transformer_768p``). None = the family's default."""
+    options: Dict[str, Any] = field(default_factory=dict)
+    """Family-specific settings, checked against the family's own options (Pyramid Flow: ``image_steps``,
+    ``video_steps``, ``video_guidance_scale``, ``prompt_suffix``; see docs/models/pyramid-flow.md)."""
     dtype: Optional[Dtype] = None
     """Denoiser dtype (transformer / UNet). None = float32 on CPU; on a GPU bfloat16 (Wan) or float16 (AnimateDiff)."""
     text_encoder_dtype: Optional[Dtype] = None

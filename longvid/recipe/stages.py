@@ -64,7 +64,11 @@ def plan_stages(recipe: Recipe) -> list[StagePlan]:
     """The stages of a resolved recipe in run order (assumes ``validate`` found no problem)."""
     video = recipe.video
     if not recipe.stages:
-        return [StagePlan(MAIN_STAGE, 0, video.num_frames, video.height, video.width, recipe.sampler,
+        sampler = recipe.sampler
+        spec = _spec(recipe)
+        if spec is not None and spec.loop == "units":  # an autoregressive family counts its loop in latent units
+            sampler = dataclasses.replace(sampler, steps=spec.latent_frames(video.num_frames))
+        return [StagePlan(MAIN_STAGE, 0, video.num_frames, video.height, video.width, sampler,
                           methods=tuple(recipe.methods))]
     plans = []
     for i, (name, stage) in enumerate(recipe.stages.items()):
@@ -79,6 +83,12 @@ def plan_stages(recipe: Recipe) -> list[StagePlan]:
             methods=tuple(methods_in(recipe, name)),
         ))
     return plans
+
+
+def _spec(recipe: Recipe):
+    from longvid import registry
+
+    return registry.model_spec(recipe.model.family) if recipe.model.family in registry.MODELS else None
 
 
 def methods_in(recipe: Recipe, stage: str) -> list[str]:

@@ -32,6 +32,7 @@ def validate(recipe: Recipe) -> list[Problem]:
     if required:  # the rules below need these numbers
         return required + _check_model(recipe)
     problems += _check_model(recipe)
+    problems += _check_family(recipe, spec)
     problems += _check_limits(recipe)
     problems += _check_output(recipe)
     problems += _check_schedulers(recipe, spec)
@@ -129,7 +130,7 @@ def _check_schedulers(recipe: Recipe, spec) -> list[Problem]:
     from longvid.recipe.schedulers import drivable, scheduler_modules, scheduler_settings
 
     known = scheduler_modules()
-    if not known:  # diffusers is not installed here: nothing to check against (show/validate still work)
+    if not known or spec.loop != "steps":  # no diffusers here, or a family with its own schedule (family check)
         return []
     samplers = [("sampler", recipe.sampler, recipe.sampler)]
     samplers += [(f"stages.{n}.sampler", st.sampler, _stage_sampler(recipe, st)) for n, st in recipe.stages.items()]
@@ -180,6 +181,33 @@ def _check_model(recipe: Recipe) -> list[Problem]:
         fix = f"set model.family={TINY_VARIANTS[variant]}" + (f" or model.path={same[0]}" if same else "")
         return [Problem("model.path", f"{path} is a {TINY_VARIANTS[variant]} model but model.family is {family}; {fix}")]
     return []
+
+
+def _check_family(recipe: Recipe, spec) -> list[Problem]:
+    """``model.variant`` and ``model.options`` against what the family declares, then the family's own rules."""
+    problems = []
+    model = recipe.model
+    if model.variant is not None and model.variant not in spec.variants:
+        known = f"one of {', '.join(spec.variants)}" if spec.variants else f"{spec.name} has no variants; remove it"
+        problems.append(Problem("model.variant", f"'{model.variant}'{registry.suggest(model.variant, spec.variants)}"
+                                                 f": {known}"))
+    if model.options and spec.options is None:
+        problems.append(Problem("model.options", f"{spec.name} takes no options; remove them"))
+    elif spec.options is not None:
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec.options), dict(model.options)))
+        except ValueError as err:  # the options' own range checks
+            problems.append(Problem("model.options", str(err).removeprefix("model.options.")))
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", "") or ""
+            reason = str(err).splitlines()[0]
+            problems.append(Problem(f"model.options.{key}".rstrip("."), reason))
+    if spec.check is not None and not problems:
+        problems += [Problem(key, message) for key, message in spec.check(recipe)]
+    return problems
 
 
 def _check_video(recipe: Recipe, spec) -> list[Problem]:
@@ -276,7 +304,8 @@ def _check_prompt(recipe: Recipe) -> list[Problem]:
         problems.append(Problem("prompt", f"prompt key {frames[-1]} is beyond the last frame ({n - 1})"))
     if any(not isinstance(v, str) for v in prompt.values()):
         problems.append(Problem("prompt", "every multi-prompt value must be a string"))
-    if not any(registry.method_class(m).multi_prompt for m in recipe.methods):
+    family_prompts = recipe.model.family in registry.MODELS and registry.model_spec(recipe.model.family).loop == "units"
+    if not family_prompts and not any(registry.method_class(m).multi_prompt for m in recipe.methods):
         known = [m for m in registry.METHODS if registry.method_class(m).multi_prompt]
         problems.append(Problem("prompt", "a {frame: prompt} mapping needs a multi-prompt method"
                                           + (f" (methods.{known[0]})" if known else "")))

@@ -121,14 +121,16 @@ def _tiny_version(name: str) -> list[str]:
     stages and frame counts."""
     recipe = resolve(name)
     family = recipe.model.family
-    h, w = {"wan": (32, 64), "animatediff": (16, 16)}[family]
+    h, w = {"wan": (32, 64), "animatediff": (16, 16), "pyramid_flow": (64, 64)}[family]
     overrides = [f"model.path=tiny:{family}", "model.motion_adapter=null", f"video.height={h}", f"video.width={w}",
                  "sampler.steps=2", "sampler.max_sequence_length=16", "runtime.device=cpu"]
-    longest = {"wan": 161, "animatediff": 40}[family]  # beyond the native length, like the recipe, but fewer frames
+    longest = {"wan": 161, "animatediff": 40, "pyramid_flow": 25}[family]  # fewer frames than the recipe
     if recipe.video.num_frames > longest:
         overrides.append(f"video.num_frames={longest}")
     for stage in list(recipe.stages)[:-1]:
         overrides += [f"stages.{stage}.height={h // 2}", f"stages.{stage}.width={w // 2}"]
+    if family == "pyramid_flow":  # the image unit's 20 + 20 + 20 steps: one each is enough here
+        overrides.append("model.options.image_steps=[1,1,1]")
     if recipe.output.crop is not None:  # a 1080-row crop of a 32-row tiny video
         overrides.append("output.crop=null")
     if "freeloc" in recipe.methods:  # the tiny model has no layer preset (a real one is built in or probed)

@@ -514,3 +514,85 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(tmp_path, tiny_flux, tiny_sd
 
     with pytest.raises(ModelLoadError, match="not a plain tensor checkpoint"):
         read_state(root / "causal_video_vae")
+
+
+# --------------------------------------------------------------------------------------------- through the engine
+
+
+def _pyramid_recipe(**extra):
+    m = {"model": {"family": "pyramid_flow", "path": "tiny:pyramid-flow", "options": {"image_steps": [1, 1, 1]}},
+         "prompt": "a red fox", "video": {"num_frames": 25, "height": 64, "width": 64},
+         "sampler": {"steps": 1, "guidance_scale": 4.0}, "runtime": {"device": "cpu"}, "seed": 3}
+    m.update(extra)
+    return m
+
+
+def test_tiny_pyramid_flow_generates_an_mp4_of_1_plus_8k_frames(tmp_path):
+    import imageio_ffmpeg
+
+    from longvid import runner
+    from longvid.recipe.resolve import resolve
+
+    result = runner.generate(resolve(_pyramid_recipe(output={"dir": str(tmp_path), "name": "clip"})))
+    assert result.latents.shape == (1, 16, 4, 8, 8) and torch.isfinite(result.latents).all()
+    reader = imageio_ffmpeg.read_frames(str(tmp_path / "clip.mp4"))
+    assert next(reader)["size"] == (64, 64) and sum(1 for _ in reader) == 25  # 1 + 8 (latents - 1)
+    sidecar = json.loads((tmp_path / "clip.json").read_text())
+    assert sidecar["recipe"]["model"]["family"] == "pyramid_flow"
+
+
+def test_prompt_keyframes_switch_at_their_unit():
+    from longvid import runner
+    from longvid.recipe.resolve import resolve
+
+    adapter = runner.load_adapter(resolve(_pyramid_recipe()))
+    try:
+        one = runner.generate(resolve(_pyramid_recipe(prompt="a calm sea")), adapter=adapter, write=False).latents
+        two = runner.generate(resolve(_pyramid_recipe(prompt={0: "a calm sea", 12: "a storm over the sea"})),
+                              adapter=adapter, write=False).latents
+    finally:
+        adapter.close()
+    assert torch.equal(two[:, :, :2], one[:, :, :2])  # frame 12 is in unit 2 (frames 9..16)
+    assert (two[:, :, 2:] - one[:, :, 2:]).abs().max() > 1e-4
+
+
+def test_a_checkpoint_at_a_unit_boundary_resumes_bit_identically(tmp_path):
+    from longvid import runner
+    from tests.engine.test_checkpoint import _interrupt_then_resume, _recipe
+
+    uninterrupted = runner.generate(_recipe(_pyramid_recipe(), tmp_path / "a"))
+    err, resumed = _interrupt_then_resume(_recipe(_pyramid_recipe(), tmp_path / "b"), "step", 2)
+    assert "step 2/4" in str(err)  # steps count latent units
+    assert torch.equal(resumed.latents, uninterrupted.latents)
+    assert (tmp_path / "a" / "clip.mp4").read_bytes() == (tmp_path / "b" / "clip.mp4").read_bytes()
+
+
+@pytest.mark.parametrize("override, key", [
+    (["video.num_frames=129"], "video.num_frames"),  # beyond the 384p model's 16 trained latents
+    (["video.num_frames=24"], "video.num_frames"),  # not 1 + 8k
+    (["video.height=96"], "video.height"),  # not a multiple of 64
+    (["model.dtype=float16"], "model.dtype"),
+    (["model.variant=diffusion_transformer_512p"], "model.variant"),
+    (["model.options.video_steps=[1,2]"], "model.options"),
+    (["model.options.bogus=1"], "model.options.bogus"),
+    (["sampler.scheduler=DDIMScheduler"], "sampler.scheduler"),
+    (["methods.freelong={}"], "methods.freelong"),
+    (["stages.base.height=64", "stages.refine.strength=0.5"], "stages"),
+])
+def test_pyramid_flow_recipes_are_checked_before_loading(override, key):
+    from longvid.errors import RecipeError
+    from longvid.recipe.resolve import resolve
+
+    with pytest.raises(RecipeError) as err:
+        resolve(_pyramid_recipe(), override)
+    assert any(p.key == key for p in err.value.problems), str(err.value)
+
+
+def test_options_are_refused_for_a_family_without_them():
+    from longvid.errors import RecipeError
+    from longvid.recipe.resolve import resolve
+
+    with pytest.raises(RecipeError, match="model.options: wan takes no options"):
+        resolve("wan-t2v-1.3b", ["model.options.image_steps=[1,1,1]"])
+    with pytest.raises(RecipeError, match="model.variant"):
+        resolve("wan-t2v-1.3b", ["model.variant=diffusion_transformer_384p"])

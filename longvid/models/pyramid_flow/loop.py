@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from longvid.models.pyramid_flow.pyramid import history, pyramid, unit_noise
+from longvid.models.pyramid_flow.pyramid import history, pyramid, quarter, unit_noise
 from longvid.models.pyramid_flow.scheduler import PyramidSchedule, euler_step, stage_jump
 
 #: ``dit(clips, text, text_mask, pooled, timestep) -> velocity of clips[-1]`` (``dit_flux.flux_forward`` bound
@@ -65,19 +65,24 @@ def generate_units(dit: DiT, condition: Callable[[int], TextCondition], shape: t
                    generator: torch.Generator, settings: UnitSettings, dtype: torch.dtype = torch.float32,
                    schedule: PyramidSchedule = PyramidSchedule(), first: torch.Tensor | None = None,
                    resume: UnitState | None = None,
-                   on_unit: Callable[[int, Callable[[], UnitState]], None] | None = None) -> torch.Tensor:
+                   on_unit: Callable[[int, Callable[[], UnitState]], None] | None = None,
+                   noise: torch.Tensor | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """Latents ``(B, 16, T, H, W)`` (``shape``) unit by unit. ``condition(u)`` is unit ``u``'s text (per-unit prompts
     switch here); ``first`` (B, 16, 1, H, W) an encoded image taken as unit 0 (i2v); ``on_unit(done, capture)``
-    after each unit, ``capture()`` giving the :class:`UnitState` to resume from."""
+    after each unit, ``capture()`` giving the :class:`UnitState` to resume from; ``noise`` the full-size noise
+    already drawn from ``generator`` (the engine draws it; else it is drawn here, the same way)."""
     b, c, frames, h, w = shape
-    device = generator.device
+    device = torch.device(device) if device is not None else generator.device
     if resume is not None:
         noise = resume.noise.to(device)
-        generated = list(resume.latents.to(device).unbind(2))
-        generated = [g.unsqueeze(2) for g in generated]
-        generator.set_state(resume.generator_state)
+        generated = [g.unsqueeze(2) for g in resume.latents.to(device).unbind(2)]
+        if resume.generator_state is not None:  # (the engine restores its generator itself)
+            generator.set_state(resume.generator_state)
     else:
-        noise = unit_noise((b, c, frames, h, w), generator, dtype=dtype, device=device)  # (B, C, T, H/4, W/4)
+        if noise is None:
+            noise = unit_noise((b, c, frames, h, w), generator, dtype=dtype, device=generator.device).to(device)
+        else:
+            noise = quarter(noise.to(device, dtype))  # (B, C, T, H/4, W/4)
         generated = [first.to(device, dtype)] if first is not None else []
     for u in range(len(generated), frames):
         cond = condition(u)

@@ -26,7 +26,11 @@ def unit_noise(shape: tuple[int, ...], generator: torch.Generator | None, dtype:
                device: torch.device | str | None = None) -> torch.Tensor:
     """Every unit's starting noise, drawn up front at full latent size ``shape`` (B, C, T, H, W) from ``generator``
     and brought to ¼ resolution (two halvings, ×2 each: unit variance): ``(B, C, T, H/4, W/4)``."""
-    noise = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    return quarter(torch.randn(shape, generator=generator, dtype=dtype, device=device))
+
+
+def quarter(noise: torch.Tensor) -> torch.Tensor:
+    """Full-size noise ``(B, C, T, H, W)`` at ¼ resolution with unit variance (two halvings, ×2 each)."""
     for _ in range(2):
         noise = half(noise) * 2
     return noise

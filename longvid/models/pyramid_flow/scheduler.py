@@ -96,10 +96,12 @@ def block_noise(shape: tuple[int, ...], gamma: float, generator: torch.Generator
     if gamma > 1.0 / 3.0 + 1e-12:
         raise ValueError(f"block noise needs gamma <= 1/3 (a covariance), got {gamma}")
     *lead, h, w = shape
-    z = torch.randn(*lead, h // 2, 2, w // 2, 2, generator=generator, dtype=torch.float64, device=device)
+    # drawn where the generator lives (a CPU generator draws the same numbers for every device), then moved
+    z = torch.randn(*lead, h // 2, 2, w // 2, 2, generator=generator, dtype=torch.float64,
+                    device=generator.device if generator is not None else device)
     mean = z.mean(dim=(-3, -1), keepdim=True)  # (…, h/2, 1, w/2, 1) block means
     n = math.sqrt(1.0 + gamma) * (z - mean) + math.sqrt(max(0.0, 1.0 - 3.0 * gamma)) * mean
-    return n.reshape(*lead, h, w).to(dtype)
+    return n.reshape(*lead, h, w).to(device=device, dtype=dtype)
 
 
 def stage_jump(x: torch.Tensor, alpha: float, beta: float, gamma: float,

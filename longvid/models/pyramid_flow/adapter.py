@@ -1,0 +1,205 @@
+"""Pyramid Flow as a longvid model family: loading, text, the autoregressive loop through the engine's loop seam,
+and the streamed causal-VAE decode.
+
+The engine draws the full-size noise from the recipe's generator (as for every family) and hands it over; the
+family's ``sample_stage`` owns the loop (``loop.generate_units``) and reports every finished latent unit as a
+"step", so progress, checkpoints (``runtime.checkpoint``: the finished units, the unit noise and the generator)
+and resume work unchanged, counted in units. No attention method applies to this family (none declares it), so
+the adapter exposes no attention sites.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from longvid.core.sampler import LoopState
+from longvid.errors import ModelLoadError
+from longvid.models.base import Conditioning, ModelAdapter, _cast
+from longvid.models.specs import PYRAMID_FLOW, PyramidFlowOptions
+from longvid.recipe.schema import ModelConfig, RuntimeConfig, SamplerConfig
+
+
+class PyramidPipeline:
+    """The loaded components in a pipeline-shaped container (``components``, ``to``) for the adapter base."""
+
+    def __init__(self, kind: str, dit: torch.nn.Module, vae: torch.nn.Module, **text: Any):
+        self.kind, self.dit, self.vae, self.text = kind, dit, vae, text
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {"dit": self.dit, "vae": self.vae, **self.text}
+
+    def to(self, device) -> "PyramidPipeline":
+        for module in self.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        return self
+
+    def enable_model_cpu_offload(self, device=None):
+        raise ModelLoadError("runtime.offload: not available for Pyramid Flow yet; use runtime.offload=none")
+
+    enable_sequential_cpu_offload = enable_model_cpu_offload
+
+
+class _UnitSchedule:
+    """What the engine asks of a scheduler, for a loop counted in units (the pyramid schedule is the loop's own)."""
+
+    def set_timesteps(self, steps: int, device=None) -> None:
+        self.timesteps = torch.arange(steps, device=device)
+
+
+class PyramidFlowAdapter(ModelAdapter):
+    spec = PYRAMID_FLOW
+    pipeline_class = ""
+    denoiser_names = ("dit",)
+    op_processor = None
+
+    # ------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def _load_pipeline(cls, model: ModelConfig, dtypes: dict[str, torch.dtype]):
+        if model.path.startswith("tiny:"):
+            from longvid.models import tiny
+
+            pipe = tiny.build(model.path.removeprefix("tiny:"))
+            _cast(pipe, dtypes)
+            return pipe
+        from longvid.models.pyramid_flow.load import load_folder
+
+        variant = model.variant or cls.spec.variants[0]
+        root = _checkpoint_folder(model, variant)
+        parts = load_folder(root, variant, dtypes["dit"], dtypes["text_encoder"], dtypes["vae"])
+        text = {k: v for k, v in parts.items() if k.startswith(("text_encoder", "tokenizer"))}
+        return PyramidPipeline(parts["kind"], parts["dit"], parts["vae"], **text)
+
+    # ---------------------------------------------------------------------------------- conditioning
+
+    def encode(self, prompt: str, negative: str, sampler: SamplerConfig) -> Conditioning:
+        from longvid.models.pyramid_flow.text import PROMPT_SUFFIX, encode
+
+        texts = [prompt + PROMPT_SUFFIX, negative]  # the official pipeline's suffix, on the prompt only
+        both = encode(self.pipe.text, texts, self.device)
+        pos = type(both)(both.text[:1], both.mask[:1], both.pooled[:1])
+        neg = type(both)(both.text[1:], both.mask[1:], both.pooled[1:])
+        return Conditioning(pos, neg)
+
+    # ---------------------------------------------------------------------------------- the loop
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        return (1, 16, self.latent_frames(num_frames), height // 8, width // 8)
+
+    def prepare_latents(self, noise: torch.Tensor, scheduler) -> torch.Tensor:
+        return noise
+
+    def make_scheduler(self, sampler: SamplerConfig):
+        return _UnitSchedule()
+
+    @staticmethod
+    def step_kwargs(scheduler, generator: torch.Generator, sampler: SamplerConfig) -> dict[str, Any]:
+        return {}
+
+    def predict(self, x, t, embeds, expert: int = 0):
+        raise NotImplementedError("Pyramid Flow runs its own loop (sample_stage)")
+
+    def sample_stage(self, job) -> torch.Tensor:
+        from longvid.models.pyramid_flow.dit_flux import flux_forward
+        from longvid.models.pyramid_flow.dit_sd3 import sd3_forward
+        from longvid.models.pyramid_flow.loop import UnitSettings, UnitState, generate_units
+
+        recipe = job.recipe
+        options = PyramidFlowOptions(**recipe.model.options)
+        sampler = recipe.sampler
+        settings = UnitSettings(image_steps=tuple(options.image_steps),
+                                video_steps=tuple(options.video_steps or [sampler.steps] * 3),
+                                guidance=float(sampler.guidance_scale), video_guidance=options.video_guidance_scale)
+        forward = flux_forward if self.pipe.kind == "miniflux" else sd3_forward
+        dit = functools.partial(forward, self.pipe.dit)
+        condition = _unit_conditions(job.cond, settings.guidance > 0)
+        resume = None
+        if job.resume is not None:
+            resume = UnitState(job.resume.step, job.resume.tensors["latents"], job.resume.tensors["noise"])
+
+        def on_unit(done: int, capture) -> None:
+            job.ctx.step = done
+            if job.on_step is not None:
+                job.on_step(done, lambda: _loop_state(capture()))
+
+        with torch.no_grad():
+            return generate_units(dit, condition, tuple(job.latents.shape), job.generator, settings,
+                                  dtype=self.pipe.dit.dtype, noise=job.latents, resume=resume, on_unit=on_unit,
+                                  device=self.device).float()
+
+    # ---------------------------------------------------------------------------------- VAE streams
+
+    @torch.no_grad()
+    def decode_stream(self, latents: torch.Tensor, runtime: RuntimeConfig | None = None) -> Iterator[torch.Tensor]:
+        """Frames in [-1, 1], ``(B, 3, f, H, W)``: the image frame and the first video latent (9 frames), then 8
+        frames per latent (the VAE's exact chunked decode, one latent at a time)."""
+        from longvid.models.pyramid_flow.vae import LATENT_STATS, denormalize
+
+        vae = self.pipe.vae
+        weight = next(vae.parameters())
+        z = denormalize(latents.float(), LATENT_STATS[self.pipe.kind]).to(weight.device, weight.dtype)
+        for chunk in vae.decode_chunks(z, window=1):
+            yield chunk.float()
+
+    def encode_stream(self, chunks: Iterable[torch.Tensor], runtime: RuntimeConfig | None = None) -> torch.Tensor:
+        raise NotImplementedError("Pyramid Flow has no refine stages")
+
+    # -------------------------------------------------------------------------------- method seams
+
+    def _find_sites(self):
+        return []  # no attention method supports this family
+
+    def _install_layout_hooks(self) -> None:
+        return None
+
+
+def _loop_state(state) -> LoopState:
+    return LoopState(state.units, {"latents": state.latents, "noise": state.noise})
+
+
+def _unit_conditions(cond: Conditioning, cfg: bool):
+    """``condition(u)``: the prompt of unit ``u`` (``--prompt-at`` keyframes switch at the unit holding their frame:
+    frame 0 is unit 0, frames 8u−7 … 8u are unit u), batched ``[uncond, cond]`` when guided."""
+    from longvid.models.pyramid_flow.loop import TextCondition
+
+    def batch(c: Conditioning) -> TextCondition:
+        if not cfg:
+            return c.positive
+        pos, neg = c.positive, c.negative
+        return TextCondition(torch.cat([neg.text, pos.text]), torch.cat([neg.mask, pos.mask]),
+                             torch.cat([neg.pooled, pos.pooled]))
+
+    if not cond.keyframes:
+        single = batch(cond)
+        return lambda u: single
+    starts = sorted(((frame + 7) // 8, batch(c)) for frame, c in cond.keyframes.items())
+
+    def condition(u: int) -> TextCondition:
+        return [c for start, c in starts if start <= u][-1] if starts[0][0] <= u else starts[0][1]
+
+    return condition
+
+
+def _checkpoint_folder(model: ModelConfig, variant: str) -> Path:
+    """A local official-layout folder, or the hub snapshot of ``model.path`` (only the files this run needs)."""
+    local = Path(model.path).expanduser()
+    if local.is_dir():
+        return local
+    if local.is_absolute() or model.path.startswith((".", "~")):
+        raise ModelLoadError(f"model.path: no folder '{model.path}'; point it at a rain1011/pyramid-flow-* download")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model.path, revision=model.revision, local_files_only=model.local_files_only,
+                                      allow_patterns=[f"{variant}/*", "causal_video_vae/*", "text_encoder*/*",
+                                                      "tokenizer*/*"]))
+    except Exception as err:  # noqa: BLE001 - offline, missing repo, network: one line either way
+        first = " ".join(str(err).split())[:200]
+        raise ModelLoadError(f"model.path: cannot get '{model.path}' ({first}); download it with `hf download "
+                             f"{model.path}` or set model.path to a local folder") from None
