@@ -23,6 +23,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench/freelong.py
 	$(BIN)/python scripts/bench/engine.py
 	$(BIN)/python scripts/bench/freeloc.py
+	$(BIN)/python scripts/bench/freeswim.py --cpu-time
 
 clean:
 	rm -rf outputs build *.egg-info
