@@ -119,11 +119,12 @@ def _prompt_at(items: list[str] | None) -> dict[int, str] | None:
     return prompts
 
 
-def _options(prompt, prompt_at, negative, seed, out_dir, name, overwrite) -> dict[str, Any]:
+def _options(prompt, prompt_at, negative, seed, out_dir, name, overwrite, image=None) -> dict[str, Any]:
     if prompt is not None and prompt_at:
         raise RecipeError([Problem("--prompt", "use either --prompt or --prompt-at, not both")])
     return {"prompt": _prompt_at(prompt_at) or prompt, "negative_prompt": negative, "seed": seed,
-            "output.dir": out_dir, "output.name": name, "output.overwrite": True if overwrite else None}
+            "output.dir": out_dir, "output.name": name, "output.overwrite": True if overwrite else None,
+            "image": image}
 
 
 @app.command()
@@ -135,6 +136,8 @@ def generate(
     prompt_at: Annotated[Optional[list[str]], typer.Option(
         "--prompt-at", help="Multi-prompt keyframe FRAME:TEXT; repeat for each keyframe.")] = None,
     negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", "-n")] = None,
+    image: Annotated[Optional[str], typer.Option("--image", help="Image-to-video: the first frame (Pyramid Flow).")] \
+        = None,
     seed: Annotated[Optional[int], typer.Option("--seed", "-s")] = None,
     out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (output.dir).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Output name template (output.name).")] = None,
@@ -162,7 +165,7 @@ def generate(
     from longvid.recipe.resolve import resolve, to_yaml
 
     resolved = resolve(recipe, overrides or [], _options(prompt, prompt_at, negative_prompt, seed, out_dir, name,
-                                                         overwrite), interpolate=interpolate)
+                                                         overwrite, image), interpolate=interpolate)
     if dry_run:
         if as_json:
             from longvid.recipe.resolve import to_dict

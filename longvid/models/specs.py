@@ -55,6 +55,8 @@ class FamilySpec:
     """The dataclass of ``model.options`` for this family (None: the family takes no options)."""
     variants: tuple[str, ...] = ()
     """``model.variant`` values (the first is the default); empty: the family has none."""
+    image_to_video: bool = False
+    """The family can start from an image (``image`` / ``--image``)."""
     check: Callable[[Any], list[tuple[str, str]]] | None = None
     """Family rules beyond the generic ones: ``check(recipe) -> [(dotted key, message)]`` (torch-free)."""
 
@@ -174,6 +176,7 @@ PYRAMID_FLOW = FamilySpec(
     loop="units",
     options=PyramidFlowOptions,
     variants=("diffusion_transformer_384p", "diffusion_transformer_768p", "diffusion_transformer_image"),
+    image_to_video=True,
     check=_check_pyramid_flow,
     defaults={
         "video": {"num_frames": 121, "height": 384, "width": 640, "fps": 24},

@@ -27,7 +27,7 @@ _OPEN_FIELDS = {"prompt", "methods", "stages"}
 #: Stage names appear in method scopes, progress and checkpoints: plain words only.
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 #: Free text: only through the YAML or typed CLI options.
-_TEXT_KEYS = {"prompt", "negative_prompt", "name", "description"}
+_TEXT_KEYS = {"prompt", "negative_prompt", "name", "description", "image"}
 
 
 def resolve(
@@ -89,7 +89,9 @@ def resolve(
         if problem is None:
             if key == "prompt" and isinstance(value, Mapping):
                 value = _prompt_keys(value)[0]
-            setattr(result, key, "" if value is None else value)
+            if key == "image":  # a path or nothing: empty means none
+                value = value or None
+            setattr(result, key, value if key == "image" else ("" if value is None else value))
         else:
             problems.append(problem)
     if not result.name and isinstance(recipe, (str, Path)):

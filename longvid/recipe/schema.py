@@ -188,6 +188,9 @@ class Recipe:
     """A prompt, or ``{frame: prompt}`` for multi-prompt methods (FreeNoise)."""
     negative_prompt: str = ""
     """Negative prompt for classifier-free guidance."""
+    image: Optional[str] = None
+    """Image-to-video: the path of the first frame, for families that generate from an image (Pyramid Flow). It is
+    scaled to cover the video size and centre-cropped. Checked (exists, decodes) before any model loads."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
     """Seed of the torch generator that draws the initial noise (and any method randomness)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import re
 
 from longvid import registry
@@ -205,9 +207,32 @@ def _check_family(recipe: Recipe, spec) -> list[Problem]:
             key = getattr(err, "full_key", "") or ""
             reason = str(err).splitlines()[0]
             problems.append(Problem(f"model.options.{key}".rstrip("."), reason))
+    if recipe.image is not None:
+        problems += _check_image(recipe.image, spec)
     if spec.check is not None and not problems:
         problems += [Problem(key, message) for key, message in spec.check(recipe)]
     return problems
+
+
+def _check_image(path: str, spec) -> list[Problem]:
+    """The i2v image: a family that takes one, a readable file that decodes as an image (hostile input: the
+    decoder's size guard stays on)."""
+    if not spec.image_to_video:
+        return [Problem("image", f"{spec.name} does not generate from an image; remove it")]
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return [Problem("image", f"no image file '{path}'")]
+    try:
+        from PIL import Image
+
+        with Image.open(file) as im:
+            im.verify()  # decodes the structure without keeping pixels; raises on a broken or foreign file
+            width, height = im.size
+    except Exception as err:  # noqa: BLE001 - PIL raises many types (UnidentifiedImageError, DecompressionBomb…)
+        return [Problem("image", f"'{path}' is not a readable image ({type(err).__name__})")]
+    if min(width, height) < 8:
+        return [Problem("image", f"'{path}' is {width}x{height}; an image of at least 8x8 pixels is needed")]
+    return []
 
 
 def _check_video(recipe: Recipe, spec) -> list[Problem]:

@@ -596,3 +596,49 @@ def test_options_are_refused_for_a_family_without_them():
         resolve("wan-t2v-1.3b", ["model.options.image_steps=[1,1,1]"])
     with pytest.raises(RecipeError, match="model.variant"):
         resolve("wan-t2v-1.3b", ["model.variant=diffusion_transformer_384p"])
+
+
+def _image(path: Path, color, size=(80, 48)) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def test_image_to_video_starts_from_the_encoded_image(tmp_path):
+    from longvid import runner
+    from longvid.recipe.resolve import resolve
+
+    red, blue = _image(tmp_path / "red.png", (220, 30, 30)), _image(tmp_path / "blue.jpg", (20, 40, 230))
+    adapter = runner.load_adapter(resolve(_pyramid_recipe()))
+    try:
+        a = runner.generate(resolve(_pyramid_recipe(image=str(red))), adapter=adapter, write=False).latents
+        again = runner.generate(resolve(_pyramid_recipe(image=str(red))), adapter=adapter, write=False).latents
+        b = runner.generate(resolve(_pyramid_recipe(image=str(blue))), adapter=adapter, write=False).latents
+        t2v = runner.generate(resolve(_pyramid_recipe()), adapter=adapter, write=False).latents
+        # unit 0 is the image's latent: the same RNG plan (noise, then the posterior sample) gives it again
+        g = torch.Generator().manual_seed(3)
+        torch.randn((1, 16, 4, 8, 8), generator=g)  # the engine's noise draw comes first
+        expected = adapter.encode_image(str(red), 64, 64, g)
+    finally:
+        adapter.close()
+    assert torch.equal(a, again) and torch.equal(a[:, :, :1], expected)
+    assert (a[:, :, 0] - b[:, :, 0]).abs().max() > 1e-3 and (a - t2v).abs().max() > 1e-3
+    assert (a[:, :, 1:] - b[:, :, 1:]).abs().max() > 1e-4  # later units follow the image
+
+
+def test_a_bad_image_is_refused_before_loading(tmp_path):
+    from longvid.errors import RecipeError
+    from longvid.recipe.resolve import resolve
+
+    (tmp_path / "not.png").write_text("hello")
+    _image(tmp_path / "tiny.png", (0, 0, 0), size=(4, 4))
+    cases = {str(tmp_path / "missing.png"): "no image file", str(tmp_path / "not.png"): "not a readable image",
+             str(tmp_path / "tiny.png"): "at least 8x8"}
+    for path, message in cases.items():
+        with pytest.raises(RecipeError, match=message):
+            resolve(_pyramid_recipe(image=path))
+    with pytest.raises(RecipeError, match="image: wan does not generate from an image"):
+        resolve("wan-t2v-1.3b", options={"image": str(tmp_path / "not.png")})
+    with pytest.raises(RecipeError, match=r"no image file '\$\{oc.env:HOME\}/x.png'"):  # a path is never evaluated
+        resolve(_pyramid_recipe(image="${oc.env:HOME}/x.png"))

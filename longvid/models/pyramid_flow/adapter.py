@@ -129,9 +129,34 @@ class PyramidFlowAdapter(ModelAdapter):
                 job.on_step(done, lambda: _loop_state(capture()))
 
         with torch.no_grad():
+            first = None
+            if recipe.image is not None and resume is None:  # i2v: the image is unit 0 (drawn after the noise)
+                first = self.encode_image(recipe.image, recipe.video.height, recipe.video.width, job.generator)
             return generate_units(dit, condition, tuple(job.latents.shape), job.generator, settings,
                                   dtype=self.pipe.dit.dtype, noise=job.latents, resume=resume, on_unit=on_unit,
-                                  device=self.device).float()
+                                  device=self.device, first=first).float()
+
+    @torch.no_grad()
+    def encode_image(self, path: str, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        """The normalised latent ``(1, 16, 1, h, w)`` of an image: scaled to cover ``height × width``, centre-cropped,
+        encoded with a posterior sample from ``generator`` (as the official i2v samples the posterior)."""
+        import numpy as np
+        from PIL import Image
+
+        from longvid.models.pyramid_flow.vae import LATENT_STATS, normalize
+
+        with Image.open(Path(path).expanduser()) as im:
+            im = im.convert("RGB")
+            scale = max(width / im.width, height / im.height)
+            size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+            im = im.resize(size, Image.BICUBIC)
+            left, top = (size[0] - width) // 2, (size[1] - height) // 2
+            pixels = np.asarray(im.crop((left, top, left + width, top + height)), dtype=np.float32)
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, None] / 127.5 - 1.0  # (1, 3, 1, H, W) in [-1, 1]
+        vae = self.pipe.vae
+        weight = next(vae.parameters())
+        z = vae.encode(x.to(weight.device, weight.dtype), generator=generator)
+        return normalize(z.float(), LATENT_STATS[self.pipe.kind])
 
     # ---------------------------------------------------------------------------------- VAE streams
 

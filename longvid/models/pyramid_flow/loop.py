@@ -7,9 +7,9 @@ re-noises (:func:`scheduler.stage_jump`) and each stage runs local Euler steps o
 classifier-free guidance over the batch ``[uncond, cond]``. Image-to-video puts the encoded image in as unit 0.
 
 RNG plan (the official code uses the global RNG for the block noise and the i2v posterior; longvid draws everything
-from the recipe's seeded generator, in this order): the posterior sample of an i2v image, then every unit's noise
-at once (full size, halved twice), then the block noise of each stage jump as it happens (unit by unit, stage 1
-then 2). A run resumed at a unit boundary restores the unit noise and the generator state after the last unit, so
+from the recipe's seeded generator, in this order): every unit's noise at once (full size, halved twice; the engine
+draws it as it draws every family's noise), then the posterior sample of an i2v image, then the block noise of each
+stage jump as it happens (unit by unit, stage 1 then 2). A run resumed at a unit boundary restores the unit noise and the generator state after the last unit, so
 it continues bit-identically.
 """
 

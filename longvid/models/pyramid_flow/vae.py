@@ -213,7 +213,8 @@ class CausalVideoVAE(nn.Module):
         if not sample:
             return mean
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        where = generator.device if generator is not None else mean.device  # a CPU generator: same draw anywhere
+        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=where).to(mean.device)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Pixels ``(B, 3, 1 + 8(T−1), H·8, W·8)`` of latents ``(B, 16, T, H, W)`` (the first one the image frame)."""
