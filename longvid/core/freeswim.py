@@ -155,6 +155,28 @@ class SwimCrossProcessor:
         return torch.cat([full, full])  # the full branch's cross-attention replaces the window branch's
 
 
+def cache_bytes(adapter, grid: tuple[int, int, int]) -> int:
+    """Bytes of one stage's cache: a ``(1, tokens, width)`` output per cross-attention site, in the model dtype."""
+    tokens = grid[0] * grid[1] * grid[2]
+    sites = adapter.attention_sites("cross")
+    return sum(tokens * int(s.module.inner_dim) for s in sites) * torch.finfo(adapter.dtype).bits // 8
+
+
+def free_bytes(device) -> int | None:
+    """Free memory of a CUDA device, or the machine's available memory for the CPU (None when unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def dual_forward(model: torch.nn.Module, state: SwimState, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Both branches' predictions of one call of a FreeSwim-patched ``model`` that runs dual (tests, pictures):
     the hook returns the window half as always and hands the full half over through the state."""

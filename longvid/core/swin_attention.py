@@ -8,8 +8,8 @@ spatial window of :mod:`longvid.core.swin_geometry`. Two kernels compute the sam
   exact boolean mask inside the slab is the same for every interior tile, so a handful of masks are built once
   per geometry. Work is ``(th + 2d_h)(tw + 2d_w) / ((2d_h + 1)(2d_w + 1))`` of the exact entries (1.24× at
   1080p with 4×8 tiles), with SDPA inside each tile.
-- ``flex`` (CUDA, compiled): ``flex_attention`` with a block mask built once per geometry from the window
-  predicate; ``order="tile"`` runs it in a tile-major token order (8 frames × 4 × 4 tokens per 128-token block)
+- ``flex`` (CUDA, compiled; eager on CPU for tests only, where it materialises the scores): ``flex_attention``
+  with a block mask built once per geometry from the window predicate; ``order="tile"`` runs it in a tile-major token order (8 frames × 4 × 4 tokens per 128-token block)
   where the kept-block fraction is 0.25 instead of raster's 0.48 at 1080p (0.14 vs 0.34 at 4K).
 
 :func:`swin_reference` is the dense float64 statement the tests compare both against.
@@ -122,7 +122,9 @@ def _flex(q, k, v, grid, half, scale, inward, order, cache) -> Tensor:
                 q_idx, kv_idx = perm[q_idx], perm[kv_idx]
             return window_member(q_idx, kv_idx, grid, half, inward)
 
-        block_mask = create_block_mask(mask_mod, None, None, seq, seq, device=q.device, _compile=q.is_cuda)
+        # compiled on CUDA, the mask is built block by block; eager (CPU tests) it evaluates the dense S × S grid
+        build = _COMPILED.setdefault("mask", torch.compile(create_block_mask)) if q.is_cuda else create_block_mask
+        block_mask = build(mask_mod, None, None, seq, seq, device=q.device)
         inverse = torch.argsort(perm) if perm is not None else None
         cache[key] = (block_mask, perm, inverse)
     block_mask, perm, inverse = cache[key]

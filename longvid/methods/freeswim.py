@@ -94,6 +94,8 @@ class FreeSwim(Method):
         base_tokens = adapter.token_grid(ctx.num_frames, *base)[1:]
         if covers_canvas(grid, window_half(base_tokens), cfg.inward) and cfg.scale == "default":
             return  # both branches would be plain attention: nothing changes
+        if cfg.mode == "cache":
+            self._check_cache_fits(adapter, grid)
         self.state = state = SwimState(ctx, cfg.mode, cfg.cache_steps, cfg.cache_device)
         op = SwimSelfOp(state, base, (ctx.height, ctx.width), cfg.scale, cfg.inward, cfg.backend, cfg.token_order)
         for name, model in adapter.named_denoisers.items():
@@ -104,6 +106,20 @@ class FreeSwim(Method):
         for site in adapter.attention_sites("cross"):
             processor = SwimCrossProcessor(site, site.module.processor, state, cfg.override)
             self.on_remove(adapter.install_processor(site, processor, self.name))
+
+    def _check_cache_fits(self, adapter: Any, grid: tuple[int, int, int]) -> None:
+        """Refuse cache mode before the stage runs when the per-block cache cannot fit where it is to live (Wan 14B
+        at 4K would need ~279 GB: 40 blocks × 680,400 tokens × 5120 × 2 bytes)."""
+        from longvid.core.freeswim import cache_bytes, free_bytes
+        from longvid.errors import MethodError
+
+        need = cache_bytes(adapter, grid)
+        device = adapter.device if self.config.cache_device == "device" else "cpu"
+        free = free_bytes(device)
+        if free is not None and need > 0.8 * free:
+            raise MethodError(f"methods.freeswim.cache_device: the cache needs {need / 2**30:.1f} GiB, more than "
+                              f"{device} has free ({free / 2**30:.1f} GiB); set methods.freeswim.mode=nocache"
+                              + (" or cache_device=cpu" if self.config.cache_device == "device" else ""))
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Cache mode resumes exactly: the cache of the last guide step is saved with the checkpoint."""

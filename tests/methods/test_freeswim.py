@@ -299,3 +299,20 @@ def test_a_cropped_file_has_the_crop_size(tmp_path):
     meta = next(reader)
     assert meta["size"] == (120, 56)  # (width, height)
     reader.close()
+
+
+def test_a_cache_that_cannot_fit_is_refused_with_the_fix(wan, monkeypatch):
+    from longvid.core import freeswim as core
+    from longvid.errors import MethodError
+
+    monkeypatch.setattr(core, "free_bytes", lambda device: 1000)  # a machine with 1000 bytes free
+    before = {s.name: s.module.processor for s in wan.attention_sites()}
+    method = FreeSwim(FreeSwimConfig(mode="cache"))
+    with pytest.raises(MethodError, match="mode=nocache or cache_device=cpu"):
+        with applied([method], wan, _ctx()):
+            pass
+    assert {s.name: s.module.processor for s in wan.attention_sites()} == before  # nothing left installed
+    with applied([FreeSwim(FreeSwimConfig(mode="nocache"))], wan, _ctx()):  # nocache keeps nothing: it runs
+        pass
+    grid = wan.token_grid(5, 64, 128)  # (2, 4, 8) tokens; 2 cross sites of width 72 in float32
+    assert core.cache_bytes(wan, grid) == 2 * 64 * 72 * 4
