@@ -18,6 +18,9 @@ UMT5-XXL (text encoding is not what this checks). One ``WanAdapter`` serves ever
 7. ``freeswim-1080p`` 81 frames at 480x832, then FreeSwim at 1088x1920 (pixel hand-off, strength 0.7): the refine
                       stage's first step is a guide step (window + full branch, cache stored), the second a reuse
                       step (window branch alone, batch 1); compiled flex on a tile-major block mask.
+8. ``pyramid-flow-384p`` Pyramid Flow miniFLUX at its released size (1.97 B parameters, random, bf16; the causal
+                      VAE at its released size; 1-layer CLIP-L/T5 stand-ins), 9 frames (2 latent units) at 384x640:
+                      the image unit, then one autoregressive unit with its pyramid history; a "step" is a unit.
 
 Reading the numbers (one table row per stage; the JSON has every step and the sidecar's stage timings): each
 stage's schedule has ``--steps N`` steps, of which the refine stage runs the last int(0.7 N). ``first s`` is a
@@ -53,7 +56,8 @@ import torch  # noqa: E402
 REAL = {"frames": 81, "long": 161, "base": (480, 832), "refine": (720, 1280), "window": 81, "swim": (1088, 1920)}
 TINY = {"frames": 9, "long": 17, "base": (32, 48), "refine": (64, 96), "window": 9, "swim": (64, 96)}
 CASES = ("vanilla-81", "freenoise-161", "freelong-161", "upscale-720p", "freeloc-161", "ultravico-161",
-         "freeswim-1080p")
+         "freeswim-1080p", "pyramid-flow-384p")
+PYRAMID_CASES = ("pyramid-flow-384p",)  # another model family: its own adapter, built after the Wan cases
 PROMPT = "a red fox running through fresh snow at dawn, cinematic"
 
 
@@ -108,6 +112,45 @@ def build_pipe(tiny: bool, device: torch.device):
                                             num_train_timesteps=1000, flow_shift=3.0)
         return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
                            scheduler=scheduler)
+
+
+def build_pyramid(tiny: bool, device: torch.device):
+    """Pyramid Flow (miniFLUX) built in code: the released DiT and VAE sizes with random weights, 1-layer text
+    encoder stand-ins of the released widths (CLIP-L pooled 768, T5 4096)."""
+    from longvid.models import tiny as tiny_models
+
+    torch.manual_seed(0)
+    if tiny:
+        return tiny_models.build("pyramid-flow")
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from longvid.models.pyramid_flow.adapter import PyramidPipeline
+    from longvid.models.pyramid_flow.dit_flux import MINIFLUX_CONFIG
+    from longvid.models.pyramid_flow.vae import CausalVideoVAE
+
+    clip_tok, t5_tok = tiny_models.clip_tokenizer(), tiny_models.t5_tokenizer(128)
+    with torch.device(device):
+        dit = FluxTransformer2DModel(**MINIFLUX_CONFIG)
+        vae = CausalVideoVAE()
+        clip = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=768,
+                                            intermediate_size=3072, num_attention_heads=12, num_hidden_layers=1,
+                                            vocab_size=len(clip_tok), max_position_embeddings=77))
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=256, num_layers=1,
+                                     num_heads=4))
+    return PyramidPipeline("miniflux", dit, vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+                           tokenizer_2=t5_tok)
+
+
+def pyramid_recipe(tiny: bool, steps: int, device: torch.device) -> dict:
+    h, w = (64, 64) if tiny else (384, 640)
+    dtype = "float32" if tiny else "bfloat16"
+    return {"name": "smoke-pyramid-flow-384p", "prompt": PROMPT, "seed": 0, "runtime": {"device": device.type},
+            "model": {"family": "pyramid_flow", "path": "tiny:pyramid-flow" if tiny else
+                      "smoke:pyramid-flow-miniflux-random", "dtype": dtype, "text_encoder_dtype": dtype,
+                      "vae_dtype": dtype, "options": {"image_steps": [steps] * 3}},
+            "video": {"num_frames": 9, "height": h, "width": w, "fps": 24},
+            "sampler": {"steps": steps, "guidance_scale": 7.0}}
 
 
 class StepClock:
@@ -234,23 +277,42 @@ def main(argv: list[str] | None = None) -> int:
               "prompt": PROMPT, "seed": 0, "runtime": {"device": device.type}}
     recipes = {name: resolve({"name": f"smoke-{name}", **shared, **case}) for name, case in
                case_recipes(size).items() if name in names}  # all resolved (and validated) before any model
+    recipes.update({name: resolve(pyramid_recipe(args.tiny, args.steps, device)) for name in PYRAMID_CASES
+                    if name in names})
 
-    tick = time.perf_counter()
-    pipe = build_pipe(args.tiny, device)
-    adapter = WanAdapter.from_pipeline(pipe, next(iter(recipes.values())))
-    params = sum(p.numel() for p in pipe.transformer.parameters())
-    print(f"built the models in {time.perf_counter() - tick:.1f} s (transformer: {params:,} parameters)",
-          flush=True)
-    clock = StepClock(pipe.transformer, device)
     report = {"mode": "tiny" if args.tiny else "real", "steps": args.steps, "device": str(device), "environment": env,
-              "transformer_parameters": params, "cases": []}
+              "transformer_parameters": None, "cases": []}
     out.parent.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        print(f"[{name}] ...", flush=True)
-        row = run_case(name, recipes[name], adapter, clock, device)
-        report["cases"].append(row)
-        out.write_text(json.dumps(report, indent=1))  # after every case: a killed run keeps what it finished
-        print(f"[{name}] {row.get('error') or 'ok'} in {row['total_s']:.2f} s", flush=True)
+    for family, group in (("wan", [n for n in names if n not in PYRAMID_CASES]),
+                          ("pyramid_flow", [n for n in names if n in PYRAMID_CASES])):
+        if not group:
+            continue
+        tick = time.perf_counter()
+        if family == "wan":
+            pipe = build_pipe(args.tiny, device)
+            adapter = WanAdapter.from_pipeline(pipe, recipes[group[0]])
+            denoiser, first_module = pipe.transformer, pipe.transformer
+        else:
+            from longvid.models.pyramid_flow.adapter import PyramidFlowAdapter
+
+            pipe = build_pyramid(args.tiny, device)
+            adapter = PyramidFlowAdapter.from_pipeline(pipe, recipes[group[0]])
+            denoiser, first_module = pipe.dit, pipe.dit.x_embedder  # its forward runs module by module
+        params = sum(p.numel() for p in denoiser.parameters())
+        report["transformer_parameters"] = report["transformer_parameters"] or params
+        print(f"built {family} in {time.perf_counter() - tick:.1f} s (denoiser: {params:,} parameters)", flush=True)
+        clock = StepClock(first_module, device)
+        for name in group:
+            print(f"[{name}] ...", flush=True)
+            row = run_case(name, recipes[name], adapter, clock, device)
+            row["denoiser_parameters"] = params
+            report["cases"].append(row)
+            out.write_text(json.dumps(report, indent=1))  # after every case: a killed run keeps what it finished
+            print(f"[{name}] {row.get('error') or 'ok'} in {row['total_s']:.2f} s", flush=True)
+        adapter.close()
+        del adapter, pipe, denoiser, first_module, clock
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print("\n" + table(report["cases"]))
     failed = [r["case"] for r in report["cases"] if "error" in r or not r.get("finite")]
     print(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'all cases ok'}; JSON: {out}")
