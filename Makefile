@@ -24,6 +24,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench/engine.py
 	$(BIN)/python scripts/bench/freeloc.py
 	$(BIN)/python scripts/bench/freeswim.py --cpu-time
+	$(BIN)/python scripts/bench/pyramid_flow.py --cpu-time
 
 clean:
 	rm -rf outputs build *.egg-info
