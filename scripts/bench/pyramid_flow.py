@@ -25,7 +25,6 @@ import argparse
 import os
 import resource
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
