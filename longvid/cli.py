@@ -197,6 +197,75 @@ def generate(
 
 @app.command()
 @friendly
+def batch(
+    manifest: Annotated[str, typer.Argument(help="Prompts: .txt (one per line), .jsonl or .csv.")],
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Output folder of the batch.")] = "outputs",
+    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: this worker's shard (default: from "
+                                                                "SLURM_ARRAY_TASK_ID or torchrun's RANK).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Output name template; {index} is the item's "
+                                                              "index.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo items that are already done.")] = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed item.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    interpolate: InterpolateOpt = False,
+):
+    """Generate one video per manifest item; many workers may share a manifest and a folder (exactly once).
+
+    \b
+    Examples:
+      longvid batch prompts.txt --recipe freelong-128 --out runs/fox/
+      longvid batch prompts.jsonl --recipe freeloc-wan-4x --out runs/x/ --shard 3/16
+
+    \b
+    Every item is checked before any model loads (file:line: key: message). Exit codes: 0 every item of the
+    shard done or skipped; 1 some item failed (see .<name>.failed.json); 2 bad input; 75 stopped by SIGTERM/SIGUSR1
+    with the current item checkpointed (rerun to resume it).
+    """
+    from pathlib import Path
+
+    from longvid.batch.manifest import resolve_items
+    from longvid.batch.shards import pick_shard
+
+    picked = pick_shard(shard)
+    items = resolve_items(Path(manifest), recipe, [*(overrides or []), f"output.dir={json.dumps(out_dir)}"], name,
+                          interpolate=interpolate)
+    _quiet_libraries()
+    from longvid.interrupts import StopRequests
+
+    with StopRequests(immediate=True):
+        from longvid.batch.worker import run
+
+    def report(result) -> None:
+        if not quiet:
+            detail = f" ({result.error})" if result.error else ""
+            err.print(f"[{result.index}] {result.status}: {Path(result.output).name}{detail}")
+
+    results = run(items, picked, Path(out_dir), Path(manifest), force=force, fail_fast=fail_fast, on_item=report)
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "busy", "failed")}
+    err.print(f"shard {picked[0]}/{picked[1]}: {len(results)} items: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def status(folder: Annotated[str, typer.Argument(help="A batch output folder.")]):
+    """Done / running / failed / left items of a batch folder (reads its plan, sidecars, claims)."""
+    from pathlib import Path
+
+    from longvid.batch.worker import status as batch_status
+
+    try:
+        counts = batch_status(Path(folder))
+    except FileNotFoundError as e:
+        raise RecipeError([Problem("folder", str(e))]) from None
+    out.print(" ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+@app.command()
+@friendly
 def probe(
     recipe: RecipeArg,
     overrides: Overrides = None,

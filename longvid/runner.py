@@ -406,14 +406,19 @@ def _publish(writer: VideoWriter, sidecar: dict[str, Any], recipe: Recipe, laten
             remove_quietly(tmp)
 
 
+def planned_output(recipe: Recipe) -> Path:
+    """Where ``recipe``'s video goes (its sidecar beside it), without checking anything."""
+    prompt = recipe.prompt if isinstance(recipe.prompt, str) else recipe.prompt[min(recipe.prompt, key=int)]
+    ext = ".mkv" if recipe.output.codec == "ffv1" else ".mp4"
+    return output_path(recipe.output.dir, recipe.output.name, ext=ext, recipe=recipe.name or recipe.model.family,
+                       prompt=prompt or "video", seed=recipe.seed, frames=recipe.video.num_frames,
+                       width=recipe.video.width, height=recipe.video.height)
+
+
 def _output_file(recipe: Recipe) -> Path:
     """The output path, checked before any work: the folder can be created and written and has room, the
     name is not a folder, and neither the video nor its sidecar exists (unless overwriting)."""
-    prompt = recipe.prompt if isinstance(recipe.prompt, str) else recipe.prompt[min(recipe.prompt, key=int)]
-    ext = ".mkv" if recipe.output.codec == "ffv1" else ".mp4"
-    path = output_path(recipe.output.dir, recipe.output.name, ext=ext, recipe=recipe.name or recipe.model.family,
-                       prompt=prompt or "video", seed=recipe.seed, frames=recipe.video.num_frames,
-                       width=recipe.video.width, height=recipe.video.height)
+    path = planned_output(recipe)
     check_output_folder(path.parent, need_bytes=_estimate_bytes(recipe))
     for target in (path, sidecar_path(path)) + ((path.with_suffix(".latents.pt"),) if recipe.output.save_latents
                                                   else ()):

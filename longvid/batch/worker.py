@@ -1,0 +1,222 @@
+"""One batch worker: its shard of the items, each exactly once across any number of workers, resumable.
+
+For every item of its shard (grouped so each model loads once), a worker:
+
+1. skips it when its video and sidecar exist and the sidecar's recipe hash is the item's (``force`` redoes it; a
+   corrupt or foreign sidecar makes it redo);
+2. *claims* it: an exclusive POSIX record lock (``lockf``) on ``.<name>.claim`` beside the output. The kernel (or
+   the NFS lock manager) drops the lock when its holder dies, even by ``kill -9``, so a dead worker's item is free
+   again without any stale-lock guessing; a live holder makes the others pass over the item. After claiming, the
+   worker checks again that the item is not done (another worker may have finished it meanwhile);
+3. runs it through the engine (``runner.generate`` with the shared model): the video and its sidecar are
+   published atomically; with ``runtime.checkpoint=on_signal`` a SIGTERM/SIGUSR1 checkpoints the item and the
+   worker exits 75 (SLURM requeues it, the rerun resumes the item mid-denoising); a failure is written to
+   ``.<name>.failed.json`` and the batch goes on (``fail_fast`` stops it).
+
+Each worker writes ``batch-results.<i>-of-<n>.jsonl`` (one line per item it saw) and the first one
+``batch.json`` (the plan: manifest, item count, output names) for ``longvid status``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from longvid.batch.manifest import Item
+from longvid.errors import Stopped
+from longvid.io.checkpoint import Checkpointed, recipe_hash
+from longvid.io.sidecar import sidecar_path
+
+PLAN = "batch.json"
+
+
+@dataclass
+class ItemResult:
+    index: int
+    line: int
+    status: str  # done | skipped | busy | failed
+    output: str
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def claim_path(output: Path) -> Path:
+    return output.with_name(f".{output.stem}.claim")
+
+
+def failed_path(output: Path) -> Path:
+    return output.with_name(f".{output.stem}.failed.json")
+
+
+def is_done(output: Path, recipe) -> bool:
+    """The video and its sidecar exist and the sidecar was written for this very recipe."""
+    from longvid.recipe.resolve import to_dict
+
+    sidecar = sidecar_path(output)
+    if not (output.is_file() and sidecar.is_file()):
+        return False
+    try:
+        written = json.loads(sidecar.read_text(encoding="utf-8"))["recipe"]
+        return recipe_hash(written) == recipe_hash(to_dict(recipe))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # unreadable or foreign: redo it
+
+
+class Claim:
+    """An exclusive lock on one item, held until :meth:`release` or the process ends."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    @classmethod
+    def take(cls, output: Path) -> "Claim | None":
+        """Lock ``output``'s claim file, or None when a live worker holds it."""
+        fd = os.open(claim_path(output), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN / EACCES: held by another process
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode())
+        return cls(fd)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = -1
+
+
+def held(output: Path) -> bool:
+    """Whether a live worker holds ``output``'s claim (a probe lock, released at once)."""
+    path = claim_path(output)
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # (our probe lock, if taken, goes with it)
+    return False
+
+
+def run(items: list[Item], shard: tuple[int, int], out_dir: Path, manifest: Path, *, force: bool = False,
+        fail_fast: bool = False, progress: Callable | None = None,
+        on_item: Callable[[ItemResult], None] | None = None) -> list[ItemResult]:
+    """Run this worker's shard of ``items``; returns one :class:`ItemResult` per item of the shard."""
+    from longvid import runner
+    from longvid.batch.shards import shard_items
+    from longvid.models.base import load_key
+    from longvid.recipe.resolve import to_dict
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_plan(out_dir, manifest, items)
+    mine = [items[i] for i in shard_items(len(items), shard)]
+    groups: dict[str, list[Item]] = {}
+    for item in mine:  # one model load per load key, in manifest order
+        groups.setdefault(json.dumps(load_key(item.recipe), sort_keys=True), []).append(item)
+    results: list[ItemResult] = []
+    log = out_dir / f"batch-results.{shard[0]}-of-{shard[1]}.jsonl"
+
+    def record(result: ItemResult) -> None:
+        results.append(result)
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(asdict(result)) + "\n")
+        if on_item is not None:
+            on_item(result)
+
+    stop = False
+    for group in groups.values():
+        adapter = None
+        try:
+            for item in group:
+                output = runner.planned_output(item.recipe)
+                if not force and is_done(output, item.recipe):
+                    record(ItemResult(item.index, item.line, "skipped", str(output)))
+                    continue
+                claim = Claim.take(output)
+                if claim is None:
+                    record(ItemResult(item.index, item.line, "busy", str(output)))
+                    continue
+                try:
+                    if not force and is_done(output, item.recipe):  # finished by another worker meanwhile
+                        record(ItemResult(item.index, item.line, "skipped", str(output)))
+                        continue
+                    if adapter is None:
+                        adapter = runner.load_adapter(item.recipe)
+                    recipe = item.recipe
+                    if force:
+                        recipe.output.overwrite = True
+                    tick = time.perf_counter()
+                    try:
+                        runner.generate(recipe, adapter=adapter, progress=progress)
+                    except (Checkpointed, Stopped):
+                        raise  # a stop request: the item is checkpointed (or dropped); the worker exits
+                    except Exception as err:  # noqa: BLE001 - an item's failure is recorded, the batch goes on
+                        message = " ".join(str(err).split())[:500] or type(err).__name__
+                        _write_failure(output, item, message, to_dict(item.recipe))
+                        record(ItemResult(item.index, item.line, "failed", str(output),
+                                          round(time.perf_counter() - tick, 3), message))
+                        if fail_fast:
+                            stop = True
+                            break
+                        continue
+                    failed_path(output).unlink(missing_ok=True)
+                    record(ItemResult(item.index, item.line, "done", str(output), round(time.perf_counter() - tick, 3)))
+                finally:
+                    claim.release()
+        finally:
+            if adapter is not None:
+                adapter.close()
+        if stop:
+            break
+    return results
+
+
+def _write_failure(output: Path, item: Item, message: str, recipe: dict) -> None:
+    data = {"index": item.index, "line": item.line, "error": message, "recipe_hash": recipe_hash(recipe),
+            "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
+    tmp = failed_path(output).with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, failed_path(output))
+
+
+def _write_plan(out_dir: Path, manifest: Path, items: list[Item]) -> None:
+    """``batch.json``: what the batch is, for ``longvid status`` (rewritten atomically by every worker: identical)."""
+    from longvid import runner
+
+    plan = {"manifest": str(manifest), "items": len(items),
+            "outputs": [runner.planned_output(i.recipe).name for i in items]}
+    tmp = out_dir / f".{PLAN}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(plan), encoding="utf-8")
+    os.replace(tmp, out_dir / PLAN)
+
+
+def status(out_dir: Path) -> dict:
+    """Counts of a batch folder: done / running / failed / left (and the resumable ones among running and left)."""
+    plan_file = out_dir / PLAN
+    if not plan_file.is_file():
+        raise FileNotFoundError(f"{out_dir} holds no {PLAN}: not a batch output folder")
+    plan = json.loads(plan_file.read_text(encoding="utf-8"))
+    counts = {"items": plan["items"], "done": 0, "running": 0, "failed": 0, "left": 0, "checkpointed": 0}
+    for name in plan["outputs"]:
+        output = out_dir / name
+        if output.is_file() and sidecar_path(output).is_file():
+            counts["done"] += 1
+        elif held(output):
+            counts["running"] += 1
+        elif failed_path(output).is_file():
+            counts["failed"] += 1
+        else:
+            counts["left"] += 1
+        if output.with_name(f".{output.stem}.ckpt").is_dir():
+            counts["checkpointed"] += 1
+    return counts
