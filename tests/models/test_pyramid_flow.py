@@ -15,7 +15,8 @@ from longvid.models.pyramid_flow.pyramid import half, history, history_plan, pyr
 from longvid.models.pyramid_flow.scheduler import PyramidSchedule, block_noise, euler_step, stage_jump
 from longvid.models.pyramid_flow.sequence import attention_mask, frame_index, image_ids, pack, unpack
 
-KEYS = Path(__file__).resolve().parents[3] / "shared" / "notes" / "pyramid-flow-keys"
+#: the released checkpoints' key names and shapes (data: name -> shape, from the notes)
+KEYS = Path(__file__).resolve().parent / "data" / "pyramid-flow-keys"
 
 # --------------------------------------------------------------------------------------------- schedule
 
