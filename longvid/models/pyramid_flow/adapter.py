@@ -18,7 +18,7 @@ import torch
 
 from longvid.core.sampler import LoopState
 from longvid.errors import ModelLoadError
-from longvid.models.base import Conditioning, ModelAdapter, _cast
+from longvid.models.base import Conditioning, ModelAdapter
 from longvid.models.specs import PYRAMID_FLOW, PyramidFlowOptions
 from longvid.recipe.schema import ModelConfig, RuntimeConfig, SamplerConfig
 
@@ -63,11 +63,7 @@ class PyramidFlowAdapter(ModelAdapter):
     @classmethod
     def _load_pipeline(cls, model: ModelConfig, dtypes: dict[str, torch.dtype]):
         if model.path.startswith("tiny:"):
-            from longvid.models import tiny
-
-            pipe = tiny.build(model.path.removeprefix("tiny:"))
-            _cast(pipe, dtypes)
-            return pipe
+            return super()._load_pipeline(model, dtypes)
         from longvid.models.pyramid_flow.load import load_folder
 
         variant = model.variant or cls.spec.variants[0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from longvid.models.pyramid_flow.sequence import attention_mask, image_ids, pack, unpack
+from longvid.models.pyramid_flow.sequence import image_ids, pack, stage_mask, unpack
 
 #: ``FluxTransformer2DModel`` config of the released miniFLUX checkpoints (their config.json says patch 1 and
 #: 64 input channels: the 2×2 patch is the forward's, not the model's).
@@ -34,7 +34,7 @@ def flux_forward(model, clips: list[torch.Tensor], text: torch.Tensor, text_mask
     context = model.context_embedder(text.to(dtype))  # (B, L, D)
     ids = torch.cat([torch.zeros(text.shape[1], 3), image_ids(clips)]).to(hidden.device)  # (L + N, 3)
     rotary = model.pos_embed(ids)
-    kwargs = {"attention_mask": attention_mask(text_mask, clips).to(hidden.device)}
+    kwargs = {"attention_mask": stage_mask(text_mask, clips, hidden.device)}
     for block in model.transformer_blocks:
         context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
                                 image_rotary_emb=rotary, joint_attention_kwargs=kwargs)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from longvid.models.pyramid_flow.sequence import attention_mask, frame_index, unpack
+from longvid.models.pyramid_flow.sequence import frame_index, stage_mask, unpack
 
 #: ``SD3Transformer2DModel`` config of the released SD3 Pyramid Flow checkpoints.
 SD3_CONFIG = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -120,7 +120,7 @@ def sd3_forward(model, clips: list[torch.Tensor], text: torch.Tensor, text_mask:
     head_dim = model.config.attention_head_dim
     cos, sin = get_1d_rotary_pos_embed(head_dim, tau.double(), theta=10000.0, use_real=True,
                                        repeat_interleave_real=True)
-    kwargs = {"attention_mask": attention_mask(text_mask, clips).to(hidden.device),
+    kwargs = {"attention_mask": stage_mask(text_mask, clips, hidden.device),
               "rotary": (cos.to(hidden.device, hidden.dtype), sin.to(hidden.device, hidden.dtype))}
     for block in model.transformer_blocks:
         context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,

@@ -69,3 +69,17 @@ def attention_mask(text_mask: torch.Tensor, clips: list[torch.Tensor]) -> torch.
     same = valid[:, :, None] == valid[:, None, :]  # (B, L, L)
     causal = tau[:, None] >= tau[None, :]  # (L, L)
     return (same & causal)[:, None]
+
+
+_LAST_MASK: dict = {}
+
+
+def stage_mask(text_mask: torch.Tensor, clips: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """:func:`attention_mask` on ``device``, built once per stage: every step of a stage sees the same clip shapes
+    and text, so the last mask is kept (one entry: at 768p it is ~0.5 GB for the CFG batch)."""
+    key = (tuple(tuple(c.shape) for c in clips), tuple(text_mask.shape), text_mask.cpu().numpy().tobytes(),
+           str(device))
+    if key not in _LAST_MASK:
+        _LAST_MASK.clear()
+        _LAST_MASK[key] = attention_mask(text_mask, clips).to(device)
+    return _LAST_MASK[key]
