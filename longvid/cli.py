@@ -221,7 +221,7 @@ def batch(
     \b
     Every item is checked before any model loads (file:line: key: message). Exit codes: 0 every item of the
     shard done or skipped; 1 some item failed (see .<name>.failed.json); 2 bad input; 75 stopped by SIGTERM/SIGUSR1
-    with the current item checkpointed (rerun to resume it).
+    with the current item checkpointed, or before an item started (rerun to go on).
     """
     from pathlib import Path
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
 
@@ -41,6 +42,18 @@ class StopRequests:
 
         return Stopped(f"{self.requested}: stopped; nothing was kept (runtime.checkpoint=on_signal keeps progress "
                        "to resume from)")
+
+    @contextmanager
+    def immediately(self):
+        """Within this block a stop raises at once (and one that already came raises on entry): for long phases that
+        write nothing, such as loading a model, so a stop does not wait for them."""
+        if self.requested is not None:
+            raise self.stopped()
+        self.immediate = True
+        try:
+            yield
+        finally:
+            self.immediate = False
 
     def __enter__(self) -> "StopRequests":
         if self.enabled and threading.current_thread() is threading.main_thread():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -291,21 +292,23 @@ class _Steps:
 
 
 def generate(recipe: Recipe, *, adapter: ModelAdapter | None = None, write: bool = True,
-             progress: Progress | None = None, restart: bool = False) -> Result:
+             progress: Progress | None = None, restart: bool = False, stop: StopRequests | None = None) -> Result:
     """Run ``recipe`` end to end; write the MP4 and its sidecar unless ``write`` is False.
 
     ``adapter``: a loaded model to use (it must have the recipe's load key); one is loaded and closed
-    otherwise. ``restart``: discard a checkpoint of this output instead of resuming it.
+    otherwise. ``restart``: discard a checkpoint of this output instead of resuming it. ``stop``: the caller's
+    active :class:`StopRequests` (a batch worker's, so a signal that came between items is not lost); this run
+    installs its own otherwise.
     """
     threads = torch.get_num_threads()
     try:
-        return _generate(recipe, adapter, write, progress, restart)
+        return _generate(recipe, adapter, write, progress, restart, stop)
     finally:
         torch.set_num_threads(threads)  # runtime.threads is this run's, not the caller's process-wide setting
 
 
 def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progress: Progress | None,
-              restart: bool) -> Result:
+              restart: bool, outer_stop: StopRequests | None) -> Result:
     start = time.perf_counter()
     timings: dict[str, Any] = {}
     if recipe.runtime.threads:
@@ -321,7 +324,7 @@ def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progres
     checkpointing = store is not None and recipe.runtime.checkpoint != "off"
     own_adapter, writer = adapter is None, None
     # From here to publishing, SIGTERM/SIGUSR1 stop cleanly: a checkpoint (75) or nothing kept (143).
-    with StopRequests(enabled=path is not None) as stop:
+    with nullcontext(outer_stop) if outer_stop is not None else StopRequests(enabled=path is not None) as stop:
         try:
             if own_adapter:
                 tick = time.perf_counter()

@@ -10,7 +10,8 @@ For every item of its shard (grouped so each model loads once), a worker:
    worker checks again that the item is not done (another worker may have finished it meanwhile);
 3. runs it through the engine (``runner.generate`` with the shared model): the video and its sidecar are
    published atomically; with ``runtime.checkpoint=on_signal`` a SIGTERM/SIGUSR1 checkpoints the item and the
-   worker exits 75 (SLURM requeues it, the rerun resumes the item mid-denoising); a failure is written to
+   worker exits 75 (SLURM requeues it, the rerun resumes the item mid-denoising; a stop while the model loads or
+   between items exits 75 too, with nothing to resume); a failure is written to
    ``.<name>.failed.json`` and the batch goes on (``fail_fast`` stops it).
 
 Each worker writes ``batch-results.<i>-of-<n>.jsonl`` (one line per item it saw) and the first one
@@ -30,6 +31,7 @@ from typing import Callable
 
 from longvid.batch.manifest import Item
 from longvid.errors import Stopped
+from longvid.interrupts import StopRequests
 from longvid.io.checkpoint import Checkpointed, recipe_hash
 from longvid.io.sidecar import sidecar_path
 
@@ -115,7 +117,6 @@ def run(items: list[Item], shard: tuple[int, int], out_dir: Path, manifest: Path
     from longvid import runner
     from longvid.batch.shards import shard_items
     from longvid.models.base import load_key
-    from longvid.recipe.resolve import to_dict
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_plan(out_dir, manifest, items)
@@ -133,11 +134,28 @@ def run(items: list[Item], shard: tuple[int, int], out_dir: Path, manifest: Path
         if on_item is not None:
             on_item(result)
 
-    stop = False
-    for group in groups.values():
+    # One stop handler for the worker's whole life: a SIGTERM/SIGUSR1 while a model loads or between items stops
+    # before the next item (nothing lost: exit 75, requeue me); during an item the run checkpoints it (see runner).
+    with StopRequests() as stop:
+        _run_groups(list(groups.values()), runner, stop, force, fail_fast, progress, record)
+    return results
+
+
+def _between(stop: StopRequests) -> Checkpointed:
+    return Checkpointed(f"{stop.requested}: stopped between items, nothing in progress was lost; rerun the same "
+                        "command to go on")
+
+
+def _run_groups(groups: list[list[Item]], runner, stop: StopRequests, force: bool, fail_fast: bool,
+                progress: Callable | None, record: Callable[[ItemResult], None]) -> None:
+    from longvid.recipe.resolve import to_dict
+
+    for group in groups:
         adapter = None
         try:
             for item in group:
+                if stop.requested is not None:
+                    raise _between(stop)
                 output = runner.planned_output(item.recipe)
                 if not force and is_done(output, item.recipe):
                     record(ItemResult(item.index, item.line, "skipped", str(output)))
@@ -151,13 +169,17 @@ def run(items: list[Item], shard: tuple[int, int], out_dir: Path, manifest: Path
                         record(ItemResult(item.index, item.line, "skipped", str(output)))
                         continue
                     if adapter is None:
-                        adapter = runner.load_adapter(item.recipe)
+                        try:
+                            with stop.immediately():  # loading writes nothing: a stop need not wait for it
+                                adapter = runner.load_adapter(item.recipe)
+                        except Stopped:
+                            raise _between(stop) from None
                     recipe = item.recipe
                     if force:
                         recipe.output.overwrite = True
                     tick = time.perf_counter()
                     try:
-                        runner.generate(recipe, adapter=adapter, progress=progress)
+                        runner.generate(recipe, adapter=adapter, progress=progress, stop=stop)
                     except (Checkpointed, Stopped):
                         raise  # a stop request: the item is checkpointed (or dropped); the worker exits
                     except Exception as err:  # noqa: BLE001 - an item's failure is recorded, the batch goes on
@@ -166,8 +188,7 @@ def run(items: list[Item], shard: tuple[int, int], out_dir: Path, manifest: Path
                         record(ItemResult(item.index, item.line, "failed", str(output),
                                           round(time.perf_counter() - tick, 3), message))
                         if fail_fast:
-                            stop = True
-                            break
+                            return
                         continue
                     failed_path(output).unlink(missing_ok=True)
                     record(ItemResult(item.index, item.line, "done", str(output), round(time.perf_counter() - tick, 3)))
@@ -176,9 +197,6 @@ def run(items: list[Item], shard: tuple[int, int], out_dir: Path, manifest: Path
         finally:
             if adapter is not None:
                 adapter.close()
-        if stop:
-            break
-    return results
 
 
 def _write_failure(output: Path, item: Item, message: str, recipe: dict) -> None:

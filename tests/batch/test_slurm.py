@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from longvid.batch.manifest import resolve_items
-from longvid.batch.worker import held, run
+from longvid.batch.worker import run
+from longvid.io.checkpoint import checkpoint_dir
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
@@ -73,14 +74,17 @@ def test_a_job_array_makes_every_item_once_like_a_serial_run(cluster, tmp_path):
 
 def test_a_requeued_task_resumes_its_item_and_the_batch_ends_exactly_once(cluster, tmp_path):
     (tmp_path / "prompts.txt").write_text("a red fox\na calm lake\na storm\n")
-    overrides = ["sampler.steps=150", "video.num_frames=5", "video.height=32", "video.width=48"]
+    # a periodic checkpoint every 25 of 600 steps: its first one shows the item is denoising with most steps left,
+    # so the requeue lands mid-item however fast or slow this machine loads the model
+    overrides = ["sampler.steps=600", "video.num_frames=5", "video.height=32", "video.width=48",
+                 "runtime.checkpoint=every_n", "runtime.checkpoint_every=25"]
     job = _submit(tmp_path, "out", overrides, tasks=1)
     out = tmp_path / "out"
-    deadline = time.monotonic() + 120
-    while not held(out / "00000-a-red-fox-0.mp4"):
-        assert time.monotonic() < deadline, "the task never claimed its first item"
-        time.sleep(0.2)
-    time.sleep(2.0)  # well into the item's denoising
+    ckpt = checkpoint_dir(out / "00000-a-red-fox-0.mp4")
+    deadline = time.monotonic() + 180
+    while not (ckpt.is_dir() and any(ckpt.iterdir())):
+        assert time.monotonic() < deadline, "the task never checkpointed its first item"
+        time.sleep(0.05)
     assert subprocess.run(["scontrol", "requeue", f"{job}_0"], capture_output=True, text=True).returncode == 0
     # SLURM holds a requeued job for about two minutes (reason BeginTime); start it now to keep the test short
     deadline = time.monotonic() + 120

@@ -151,6 +151,53 @@ def test_sigterm_checkpoints_the_item_and_the_rerun_resumes_it_bit_identically(t
     assert _videos(out) == _videos(reference)  # the resumed item equals the uninterrupted one
 
 
+def test_a_stop_while_the_model_loads_ends_the_worker_at_once_with_nothing_lost(tmp_path, monkeypatch):
+    from longvid import runner
+    from longvid.io.checkpoint import Checkpointed
+
+    manifest = _manifest(tmp_path, ["a red fox", "a calm lake"])
+    items = resolve_items(manifest, "demo", [*FAST, f"output.dir={tmp_path / 'out'}"])
+    real_load, waited = runner.load_adapter, []
+
+    def slow_load(recipe):  # the stop lands mid-load; a load that waited for it would take the whole minute
+        os.kill(os.getpid(), signal.SIGTERM)
+        tick = time.monotonic()
+        time.sleep(60)
+        waited.append(time.monotonic() - tick)
+        return real_load(recipe)
+
+    monkeypatch.setattr(runner, "load_adapter", slow_load)
+    with pytest.raises(Checkpointed, match="SIGTERM: stopped between items") as caught:
+        run(items, (0, 1), tmp_path / "out", manifest)
+    assert caught.value.exit_code == 75 and waited == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the worker's handler is gone with it
+    assert not held(tmp_path / "out" / "00000-a-red-fox-0.mp4") and not _videos(tmp_path / "out")
+    monkeypatch.setattr(runner, "load_adapter", real_load)
+    assert [r.status for r in run(items, (0, 1), tmp_path / "out", manifest)] == ["done", "done"]
+
+
+def test_a_stop_between_items_is_not_lost_and_starts_no_further_item(tmp_path, monkeypatch):
+    from longvid import runner
+    from longvid.io.checkpoint import Checkpointed
+
+    manifest = _manifest(tmp_path, ["a red fox", "a calm lake", "a storm"])
+    items = resolve_items(manifest, "demo", [*FAST, f"output.dir={tmp_path / 'out'}"])
+    real_generate = runner.generate
+
+    def generate_then_stop(recipe, **kw):  # the signal comes just after the first item is published
+        result = real_generate(recipe, **kw)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(runner, "generate", generate_then_stop)
+    with pytest.raises(Checkpointed, match="SIGUSR1: stopped between items"):
+        run(items, (0, 1), tmp_path / "out", manifest)
+    assert list(_videos(tmp_path / "out")) == ["00000-a-red-fox-0.mp4"]
+    assert status(tmp_path / "out")["done"] == 1 and status(tmp_path / "out")["left"] == 2
+    monkeypatch.setattr(runner, "generate", real_generate)
+    assert [r.status for r in run(items, (0, 1), tmp_path / "out", manifest)] == ["skipped", "done", "done"]
+
+
 def test_a_bad_manifest_line_is_refused_before_loading(tmp_path):
     manifest = tmp_path / "bad.jsonl"
     manifest.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "x", "seed": -3}) + "\n")
