@@ -332,6 +332,8 @@ def _generate(recipe: Recipe, adapter: ModelAdapter | None, write: bool, progres
                 timings["load_s"] = time.perf_counter() - tick
             if adapter.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(adapter.device)
+            else:  # the sidecar's peak is this run's, not the process's (a batch runs many)
+                timings["rss_peak_reset"] = _reset_rss_peak()
             adapter.check_run(recipe)
             _check_schedulers(adapter, recipe, checkpointing)
             steps = _Steps(recipe, progress, store if checkpointing else None, stop)
@@ -362,6 +364,7 @@ def _sidecar(recipe: Recipe, path: Path | None, latents: torch.Tensor, timings: 
              device: torch.device) -> dict[str, Any]:
     stages = timings.pop("stages", [])
     resumed = timings.pop("resumed_from", None)
+    rss_reset = timings.pop("rss_peak_reset", False)
     sidecar = {
         "longvid_sidecar": 1,
         "output": str(path) if path else None,
@@ -370,7 +373,7 @@ def _sidecar(recipe: Recipe, path: Path | None, latents: torch.Tensor, timings: 
         "latent_shape": list(latents.shape),
         "stages": stages,
         "timings": {k: round(v, 4) for k, v in timings.items()},
-        "peak_memory": _peak_memory(device),
+        "peak_memory": _peak_memory(device, rss_reset),
         "environment": environment_info(device),
     }
     if resumed is not None:
@@ -477,7 +480,33 @@ def _cropped(frames: torch.Tensor, crop) -> torch.Tensor:
     return frames[..., top:top + crop[0], left:left + crop[1]]
 
 
-def _peak_memory(device: torch.device) -> dict[str, Any]:
+def _peak_memory(device: torch.device, rss_reset: bool) -> dict[str, Any]:
+    """This run's peak: CUDA's allocator peak since the run started; on CPU the resident-set peak since the run
+    started where Linux can reset it (``/proc/self/clear_refs``), else the process's (scope says which)."""
     if device.type == "cuda":
         return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device)}
-    return {"process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    peak = _rss_peak() if rss_reset else None
+    if peak is None:
+        return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_rss_scope": "process"}
+    return {"peak_rss_bytes": peak, "peak_rss_scope": "run"}
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5": reset the peak resident set size (VmHWM) to the current one (Linux >= 4.0)
+        return True
+    except OSError:
+        return False  # no procfs (macOS) or not allowed: the sidecar then gives the process's peak
+
+
+def _rss_peak() -> int | None:
+    """VmHWM of this process in bytes (since the last reset), or None where procfs is absent."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    except OSError:
+        pass
+    return None
