@@ -226,7 +226,7 @@ def batch(
     from pathlib import Path
 
     from longvid.batch.manifest import resolve_items
-    from longvid.batch.shards import pick_shard
+    from longvid.batch.shards import pick_shard, shard_items
 
     picked = pick_shard(shard)
     items = resolve_items(Path(manifest), recipe, [*(overrides or []), f"output.dir={json.dumps(out_dir)}"], name,
@@ -237,22 +237,58 @@ def batch(
     with StopRequests(immediate=True):
         from longvid.batch.worker import run
 
-    def report(result) -> None:
-        if not quiet:
-            detail = f" ({result.error})" if result.error else ""
-            err.print(f"[{result.index}] {result.status}: {Path(result.output).name}{detail}")
+    if quiet:
+        results = run(items, picked, Path(out_dir), Path(manifest), force=force, fail_fast=fail_fast)
+    else:
+        with _progress() as progress:
+            total, seen = len(shard_items(len(items), picked)), []
+            progress("items", 0, total)
 
-    results = run(items, picked, Path(out_dir), Path(manifest), force=force, fail_fast=fail_fast, on_item=report)
+            def report(result) -> None:
+                seen.append(result)
+                detail = f" ({result.error})" if result.error else ""
+                progress.print(f"[{result.index}] {result.status}: {Path(result.output).name}{detail}")
+                progress("items", len(seen), total)
+
+            results = run(items, picked, Path(out_dir), Path(manifest), force=force, fail_fast=fail_fast,
+                          progress=progress, on_item=report)
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "busy", "failed")}
     err.print(f"shard {picked[0]}/{picked[1]}: {len(results)} items: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if not quiet and results:
+        err.print(_batch_summary(results))
     if counts["failed"]:
         raise typer.Exit(1)
 
 
+def _batch_summary(results) -> Any:
+    """The end-of-batch table: per status, how many items, their generation time and peak memory."""
+    from statistics import median
+
+    from rich.table import Table
+
+    table = Table(title="batch summary", title_justify="left")
+    for column in ("status", "items", "median s/item", "total s", "max peak GiB"):
+        table.add_column(column, justify="left" if column == "status" else "right")
+    for state in ("done", "failed", "skipped", "busy"):
+        mine = [r for r in results if r.status == state]
+        if not mine:
+            continue
+        timed = [r.seconds for r in mine if r.seconds]
+        peaks = [r.peak_memory_bytes for r in mine if r.peak_memory_bytes]
+        table.add_row(state, str(len(mine)), f"{median(timed):.2f}" if timed else "-",
+                      f"{sum(timed):.1f}" if timed else "-", f"{max(peaks) / 2**30:.2f}" if peaks else "-")
+    loads = sum(r.load_s for r in results)
+    table.caption = f"model loads: {loads:.1f} s"
+    return table
+
+
 @app.command()
 @friendly
-def status(folder: Annotated[str, typer.Argument(help="A batch output folder.")]):
-    """Done / running / failed / left items of a batch folder (reads its plan, sidecars, claims)."""
+def status(folder: Annotated[str, typer.Argument(help="A batch output folder.")],
+           as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False):
+    """Done / running / failed / left items of a batch folder (reads its plan, sidecars, claims, logs), with the
+    items per hour so far and the time left at that rate while workers run."""
+    from datetime import timedelta
     from pathlib import Path
 
     from longvid.batch.worker import status as batch_status
@@ -261,7 +297,14 @@ def status(folder: Annotated[str, typer.Argument(help="A batch output folder.")]
         counts = batch_status(Path(folder))
     except FileNotFoundError as e:
         raise RecipeError([Problem("folder", str(e))]) from None
-    out.print(" ".join(f"{k} {v}" for k, v in counts.items()))
+    if as_json:
+        print(json.dumps(counts))
+        return
+    rate, eta = counts.pop("items_per_hour"), counts.pop("eta_s")
+    line = " ".join(f"{k} {v}" for k, v in counts.items())
+    line += f" items/h {rate:g}" if rate else " items/h -"
+    line += f" eta {timedelta(seconds=eta)}" if eta is not None else " eta -"
+    out.print(line)
 
 
 @app.command()
@@ -478,10 +521,14 @@ class _progress:
 
     def __call__(self, event: str, done: int, total: int) -> None:
         if event not in self.tasks:
-            kind, _, stage = event.partition(":")  # "step", "step:<stage>", "handoff:<stage>", "decode"
+            kind, _, stage = event.partition(":")  # "step", "step:<stage>", "handoff:<stage>", "decode", "items"
             label = {"step": "denoise", "handoff": "upsample"}.get(kind, kind) + (f" {stage}" if stage else "")
             self.tasks[event] = self.bar.add_task(label, total=total)
         self.bar.update(self.tasks[event], completed=done, total=total)
+
+    def print(self, text: str) -> None:
+        """A line above the bars (user text: never read as markup)."""
+        self.bar.console.print(text, markup=False, highlight=False)
 
     def __exit__(self, *exc):
         return self.bar.__exit__(*exc)

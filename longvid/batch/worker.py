@@ -36,6 +36,7 @@ from longvid.io.checkpoint import Checkpointed, recipe_hash
 from longvid.io.sidecar import sidecar_path
 
 PLAN = "batch.json"
+RESULTS = "manifest-results.jsonl"
 
 
 @dataclass
@@ -44,8 +45,11 @@ class ItemResult:
     line: int
     status: str  # done | skipped | busy | failed
     output: str
-    seconds: float = 0.0
+    seconds: float = 0.0  # the item's generation (done / failed), model load excluded
     error: str | None = None
+    finished: float = 0.0  # unix time the result was recorded
+    load_s: float = 0.0  # the model load this item waited for (the first item of each load key), else 0
+    peak_memory_bytes: int | None = None  # the item's own peak (CUDA allocator, or resident set on CPU)
 
 
 def claim_path(output: Path) -> Path:
@@ -128,6 +132,7 @@ def run(items: list[Item], shard: tuple[int, int], out_dir: Path, manifest: Path
     log = out_dir / f"batch-results.{shard[0]}-of-{shard[1]}.jsonl"
 
     def record(result: ItemResult) -> None:
+        result.finished = round(time.time(), 3)
         results.append(result)
         with open(log, "a", encoding="utf-8") as f:
             f.write(json.dumps(asdict(result)) + "\n")
@@ -136,8 +141,11 @@ def run(items: list[Item], shard: tuple[int, int], out_dir: Path, manifest: Path
 
     # One stop handler for the worker's whole life: a SIGTERM/SIGUSR1 while a model loads or between items stops
     # before the next item (nothing lost: exit 75, requeue me); during an item the run checkpoints it (see runner).
-    with StopRequests() as stop:
-        _run_groups(list(groups.values()), runner, stop, force, fail_fast, progress, record)
+    try:
+        with StopRequests() as stop:
+            _run_groups(list(groups.values()), runner, stop, force, fail_fast, progress, record)
+    finally:
+        merge_results(out_dir)  # also when stopped: the merged view is never older than this worker's log
     return results
 
 
@@ -168,30 +176,34 @@ def _run_groups(groups: list[list[Item]], runner, stop: StopRequests, force: boo
                     if not force and is_done(output, item.recipe):  # finished by another worker meanwhile
                         record(ItemResult(item.index, item.line, "skipped", str(output)))
                         continue
+                    load_s = 0.0
                     if adapter is None:
+                        tick = time.perf_counter()
                         try:
                             with stop.immediately():  # loading writes nothing: a stop need not wait for it
                                 adapter = runner.load_adapter(item.recipe)
                         except Stopped:
                             raise _between(stop) from None
+                        load_s = round(time.perf_counter() - tick, 3)
                     recipe = item.recipe
                     if force:
                         recipe.output.overwrite = True
                     tick = time.perf_counter()
                     try:
-                        runner.generate(recipe, adapter=adapter, progress=progress, stop=stop)
+                        made = runner.generate(recipe, adapter=adapter, progress=progress, stop=stop)
                     except (Checkpointed, Stopped):
                         raise  # a stop request: the item is checkpointed (or dropped); the worker exits
                     except Exception as err:  # noqa: BLE001 - an item's failure is recorded, the batch goes on
                         message = " ".join(str(err).split())[:500] or type(err).__name__
                         _write_failure(output, item, message, to_dict(item.recipe))
                         record(ItemResult(item.index, item.line, "failed", str(output),
-                                          round(time.perf_counter() - tick, 3), message))
+                                          round(time.perf_counter() - tick, 3), message, load_s=load_s))
                         if fail_fast:
                             return
                         continue
                     failed_path(output).unlink(missing_ok=True)
-                    record(ItemResult(item.index, item.line, "done", str(output), round(time.perf_counter() - tick, 3)))
+                    record(ItemResult(item.index, item.line, "done", str(output), round(time.perf_counter() - tick, 3),
+                                      load_s=load_s, peak_memory_bytes=_peak_bytes(made.sidecar)))
                 finally:
                     claim.release()
         finally:
@@ -218,8 +230,51 @@ def _write_plan(out_dir: Path, manifest: Path, items: list[Item]) -> None:
     os.replace(tmp, out_dir / PLAN)
 
 
+def _peak_bytes(sidecar: dict) -> int | None:
+    peak = sidecar.get("peak_memory", {})
+    return peak.get("cuda_max_allocated_bytes", peak.get("peak_rss_bytes"))
+
+
+def _logged(out_dir: Path) -> list[dict]:
+    """Every record of every worker's log (a line cut short by a killed worker is passed over)."""
+    records = []
+    for log in sorted(out_dir.glob("batch-results.*-of-*.jsonl")):
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+_RANK = {"done": 3, "failed": 2, "skipped": 1, "busy": 0}
+
+
+def merge_results(out_dir: Path) -> None:
+    """``manifest-results.jsonl``: one line per manifest item, in manifest order, from every worker's log: the
+    latest ``done`` (its time and peak memory), else the latest ``failed``, else ``left``. Rewritten atomically by
+    every worker when it ends, so the last to end leaves the whole batch's view."""
+    plan_file = out_dir / PLAN
+    if not plan_file.is_file():
+        return
+    outputs = json.loads(plan_file.read_text(encoding="utf-8"))["outputs"]
+    best: dict[int, dict] = {}
+    for rec in _logged(out_dir):
+        if rec.get("status") not in ("done", "failed") or not 0 <= rec.get("index", -1) < len(outputs):
+            continue
+        old = best.get(rec["index"])
+        if old is None or (_RANK[rec["status"]], rec.get("finished", 0)) > (_RANK[old["status"]], old.get("finished", 0)):
+            best[rec["index"]] = rec
+    lines = [json.dumps(best.get(i, {"index": i, "status": "left", "output": str(out_dir / name)}))
+             for i, name in enumerate(outputs)]
+    tmp = out_dir / f".{RESULTS}.tmp{os.getpid()}"
+    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, out_dir / RESULTS)
+
+
 def status(out_dir: Path) -> dict:
-    """Counts of a batch folder: done / running / failed / left (and the resumable ones among running and left)."""
+    """Counts of a batch folder: done / running / failed / left (and the resumable ones among running and left),
+    with the throughput of its workers so far (items per hour, from their logs) and the time left at that rate."""
     plan_file = out_dir / PLAN
     if not plan_file.is_file():
         raise FileNotFoundError(f"{out_dir} holds no {PLAN}: not a batch output folder")
@@ -237,4 +292,19 @@ def status(out_dir: Path) -> dict:
             counts["left"] += 1
         if output.with_name(f".{output.stem}.ckpt").is_dir():
             counts["checkpointed"] += 1
+    rate = _items_per_hour(_logged(out_dir))
+    counts["items_per_hour"] = round(rate, 2) if rate else None
+    # time left: only while workers are at it (nothing running: nobody is making progress)
+    todo = counts["running"] + counts["left"]
+    counts["eta_s"] = round(todo / rate * 3600) if rate and counts["running"] else (0 if not todo else None)
     return counts
+
+
+def _items_per_hour(records: list[dict]) -> float | None:
+    """Items finished per hour over the span from the first started to the last finished item (all workers)."""
+    done = [r for r in records if r.get("status") == "done" and r.get("finished")]
+    if not done:
+        return None
+    span = max(r["finished"] for r in done) - min(r["finished"] - r.get("seconds", 0) - r.get("load_s", 0)
+                                                   for r in done)
+    return len(done) * 3600 / span if span > 0 else None

@@ -70,11 +70,19 @@ class Conditioning:
 
 
 def pick_device(name: str) -> torch.device:
+    """``runtime.device``: ``auto`` is CUDA when there is a GPU. A CUDA device without an index is, under torchrun
+    (``LOCAL_RANK``), this process's own GPU: one worker per GPU, never all of them on GPU 0."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("runtime.device: CUDA was requested but torch sees no GPU; set runtime.device=cpu")
+    local = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and local is not None and local.isdigit():
+        if int(local) >= torch.cuda.device_count():
+            raise ModelLoadError(f"runtime.device: LOCAL_RANK {local} but this node has {torch.cuda.device_count()} "
+                                 "GPU(s); start at most that many processes per node (torchrun --nproc_per_node)")
+        device = torch.device("cuda", int(local))
     return device
 
 

@@ -39,7 +39,10 @@ def test_a_batch_runs_each_item_once_then_skips_redoes_and_reports(tmp_path):
     items = resolve_items(manifest, "demo", [*FAST, f"output.dir={tmp_path / 'out'}"])
     results = run(items, (0, 1), tmp_path / "out", manifest)
     assert [r.status for r in results] == ["done"] * 3
-    assert status(tmp_path / "out") == {"items": 3, "done": 3, "running": 0, "failed": 0, "left": 0, "checkpointed": 0}
+    counts = status(tmp_path / "out")
+    assert {k: counts[k] for k in ("items", "done", "running", "failed", "left", "checkpointed")} == \
+        {"items": 3, "done": 3, "running": 0, "failed": 0, "left": 0, "checkpointed": 0}
+    assert counts["items_per_hour"] > 0 and counts["eta_s"] == 0
     first = _videos(tmp_path / "out")
     assert [r.status for r in run(items, (0, 1), tmp_path / "out", manifest)] == ["skipped"] * 3
     # a corrupt sidecar makes its item redo; --force redoes every item, bit-identically (same seeds)
