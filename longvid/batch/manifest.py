@@ -97,6 +97,8 @@ def resolve_items(path: Path, recipe: Any, overrides: list[str] | None = None, n
     if not path.is_file():
         raise RecipeError([Problem("manifest", f"no manifest file '{path}'")])
     base = resolve(recipe, overrides or [], interpolate=interpolate)
+    # a `seed=` override sets the base seed (in base.seed); per item it would beat the item's own seed option
+    shared = [o for o in overrides or [] if o.partition("=")[0].strip() != "seed"]
     template = name or DEFAULT_NAME
     items, problems = [], []
     for index, (line, raw) in enumerate(read_items(path)):
@@ -118,7 +120,7 @@ def resolve_items(path: Path, recipe: Any, overrides: list[str] | None = None, n
             problems.append(Problem(where, "prompt: every item needs a prompt"))
             continue
         try:
-            item = resolve(recipe, [*(overrides or []), *extra], options, interpolate=interpolate)
+            item = resolve(recipe, [*shared, *extra], options, interpolate=interpolate)
         except RecipeError as err:
             problems += [Problem(f"{where}: {p.key}" if p.key else where, p.message) for p in err.problems]
             continue

@@ -36,6 +36,11 @@ def test_items_resolve_with_seeds_from_their_index_and_names_with_theirs(tmp_pat
     assert items[2].recipe.video.num_frames == 13 and items[2].recipe.output.name == "lake-2"
     assert items[0].recipe.output.name == "00000-{prompt}-{seed}"
     assert name_for("{index:03d}_{prompt}", 7) == "007_{prompt}"
+    # a seed override moves the base seed; it does not give every item the same seed
+    assert [i.recipe.seed for i in resolve_items(manifest, RECIPE, ["seed=5"])] == [5, 7, 7]
+    lines[0]["overrides"] = {"seed": 42}  # an item's own seed override is its seed
+    manifest.write_text("\n".join(json.dumps(x) for x in lines))
+    assert [i.recipe.seed for i in resolve_items(manifest, RECIPE, ["seed=5"])] == [42, 7, 7]
 
 
 def test_every_bad_item_is_reported_with_its_line_and_key_before_anything_runs(tmp_path):
