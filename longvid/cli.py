@@ -309,6 +309,35 @@ def status(folder: Annotated[str, typer.Argument(help="A batch output folder.")]
 
 @app.command()
 @friendly
+def metrics(
+    paths: Annotated[list[str], typer.Argument(help="Videos, or folders of .mp4 files (batch outputs too).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print every metric of every video as JSON.")] = False,
+    max_side: Annotated[int, typer.Option("--max-side", help="Analyse frames downscaled to this longer side.")] = 256,
+):
+    """Weight-free quality metrics: motion, flicker, warp error, seams, sharpness and colour drift, repetition.
+
+    \b
+    Examples:
+      longvid metrics runs/fox/fox-128.mp4
+      longvid metrics runs/fox/ --json > m.json
+
+    \b
+    Seams are measured at the window boundaries a run's sidecar records; the flow metrics need OpenCV
+    (pip install 'longvid[metrics]'). What each metric detects: docs/metrics.md.
+    """
+    if max_side < 16:
+        raise RecipeError([Problem("--max-side", f"must be at least 16 pixels, got {max_side}")])
+    from longvid.eval.report import measure_paths, render_table
+
+    results = measure_paths(paths, max_side=max_side)
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        out.print(render_table(results))
+
+
+@app.command()
+@friendly
 def probe(
     recipe: RecipeArg,
     overrides: Overrides = None,
