@@ -371,6 +371,7 @@ def _sidecar(recipe: Recipe, path: Path | None, latents: torch.Tensor, timings: 
         "recipe": to_dict(recipe),
         "seed": recipe.seed,
         "latent_shape": list(latents.shape),
+        "seams": _seams(recipe),
         "stages": stages,
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "peak_memory": _peak_memory(device, rss_reset),
@@ -379,6 +380,16 @@ def _sidecar(recipe: Recipe, path: Path | None, latents: torch.Tensor, timings: 
     if resumed is not None:
         sidecar["resumed_from"] = resumed
     return sidecar
+
+
+def _seams(recipe: Recipe) -> list[int]:
+    """The pixel frames where some method's temporal window begins or ends (for ``longvid metrics``): latent frame
+    ``l`` starts at pixel frame ``s·(l−1)+1`` for a VAE of temporal stride ``s`` whose first latent is one frame."""
+    spec = registry.model_spec(recipe.model.family)
+    s = spec.temporal_stride
+    latent = {f for name, config in recipe.methods.items()
+              for f in registry.method_class(name).window_bounds(config, recipe, spec)}
+    return sorted(s * (f - 1) + 1 for f in latent)
 
 
 def _publish(writer: VideoWriter, sidecar: dict[str, Any], recipe: Recipe, latents: torch.Tensor) -> None:

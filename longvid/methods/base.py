@@ -71,6 +71,13 @@ class Method:
         tests check it does). Most methods act with their defaults; a gated one may need its gate opened."""
         return {}
 
+    @classmethod
+    def window_bounds(cls, config: Any, recipe: Any, spec: Any) -> list[int]:
+        """Latent frames where this configuration's temporal windows begin or end (0 < frame < latent length):
+        where a window seam may show. The sidecar lists them as pixel frames for ``longvid metrics``' seam score.
+        Methods without hard temporal windows (soft blends, tiers, spatial windows) have none."""
+        return []
+
     def noise_builder(self, adapter: Any) -> Callable | None:
         """An initial-noise builder ``(shape, generator, *, dtype, device, frame_dim) -> Tensor``, or None."""
         return None

@@ -122,6 +122,18 @@ class FreeNoise(Method):
         stride_lat = (config.stride // s) if config.stride else max(1, window_lat // 2)
         return window_lat, stride_lat
 
+    @classmethod
+    def window_bounds(cls, config: FreeNoiseConfig, recipe: Any, spec: Any) -> list[int]:
+        """Every context window's first and past-the-end latent frame, inside the video (fused windows only: noise
+        rescheduling alone has no window in the model)."""
+        if cls.fusion_for(config, spec) == "none":
+            return []
+        from longvid.core.windows import context_views
+
+        frames = spec.latent_frames(recipe.video.num_frames)
+        window, stride = cls.geometry(config, spec)
+        return sorted({f for view in context_views(frames, window, stride) for f in view if 0 < f < frames})
+
     def _fusion(self, adapter: Any) -> str:
         return self.fusion_for(self.config, adapter.spec)
 

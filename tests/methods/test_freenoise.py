@@ -211,3 +211,22 @@ def test_default_injection_window_is_the_official_schedule():
 def test_motion_injection_needs_multi_prompt_on_a_unet():
     with pytest.raises(RecipeError, match="methods.freenoise.injection"):
         resolve("freenoise-animatediff-64", ["methods.freenoise.injection=true"])
+
+
+def test_the_sidecar_lists_the_window_seams_and_metrics_measures_there(tmp_path):
+    from longvid import runner
+    from longvid.eval.metrics import measure_path
+
+    # Wan 4x: 81 latent frames, windows of 21 latent frames every 10: (0, 21), (10, 31), ..., (60, 81)
+    bounds = sorted({10 * k for k in range(1, 7)} | {10 * k + 21 for k in range(0, 6)})
+    assert runner._seams(resolve("freenoise-wan-4x")) == [4 * (b - 1) + 1 for b in bounds]  # pixel frames
+    assert runner._seams(resolve("freenoise-animatediff-64")) == list(range(4, 64, 4))  # UNet frames, stride 4
+    assert runner._seams(resolve("freenoise-wan-4x", ["methods.freenoise.fusion=none"])) == []  # noise only
+    assert runner._seams(resolve("freelong-wan-4x")) == []  # a soft blend: no hard window
+    recipe = resolve("demo", ["methods.freenoise={}", "methods.freenoise.window=9", "methods.freenoise.stride=4",
+                              "video.num_frames=17", "video.height=32", "video.width=48", "sampler.steps=2",
+                              f"output.dir={tmp_path}"])
+    result = runner.generate(recipe)
+    assert result.sidecar["seams"] == [1, 5, 9, 13]  # latent views (0, 3), (1, 4), (2, 5)
+    measured = measure_path(result.path)
+    assert measured["seams"] == [1, 5, 9, 13] and measured["seam_score"] > 0
