@@ -25,6 +25,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench/freeloc.py
 	$(BIN)/python scripts/bench/freeswim.py --cpu-time
 	$(BIN)/python scripts/bench/pyramid_flow.py --cpu-time
+	$(BIN)/python scripts/bench/batch.py
+	$(BIN)/python scripts/bench/metrics.py
 
 clean:
 	rm -rf outputs build *.egg-info
