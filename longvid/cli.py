@@ -338,6 +338,73 @@ def metrics(
 
 @app.command()
 @friendly
+def compare(
+    overrides: Overrides = None,
+    recipes: Annotated[Optional[str], typer.Option("--recipes", help="Comma-separated recipes to run with the same "
+                                                                     "prompt and seed.")] = None,
+    videos: Annotated[Optional[str], typer.Option("--videos", help="Comma-separated existing videos or folders "
+                                                                   "(a batch folder) to compare instead.")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt (exact text).")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", "-n")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", "-s")] = None,
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="The report folder.")] = "compare",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    interpolate: InterpolateOpt = False,
+):
+    """Side by side: synchronized players, metrics, time and memory, contact sheets, in one offline page.
+
+    \b
+    Examples:
+      longvid compare --recipes freenoise-wan-4x,freelong-wan-4x,freeloc-wan-4x --prompt "a fox in snow" --seed 7 --out cmp/
+      longvid compare --videos runs/a/x.mp4,runs/b/x.mp4 --out cmp2/
+      longvid compare --videos runs/fox/ --out cmp3/          # every video of a (batch) folder
+
+    \b
+    Recipes sharing a model load it once; a video already made for the same recipe is reused. Writes
+    OUT/index.html, side-by-side.mp4, sheets/*.png, plots/per-frame.png (with matplotlib) and metrics.json.
+    """
+    from pathlib import Path
+
+    if (recipes is None) == (videos is None):
+        raise RecipeError([Problem("--recipes", "give either --recipes a,b,... or --videos x.mp4,y.mp4")])
+    out_path = Path(out_dir)
+    if out_path.exists() and not out_path.is_dir():
+        raise RecipeError([Problem("--out", f"{out_path} exists and is not a folder")])
+    names = [n.strip() for n in (recipes or videos or "").split(",") if n.strip()]
+    if not names:
+        raise RecipeError([Problem("--recipes" if recipes is not None else "--videos", "the list is empty")])
+    from longvid.eval import compare as cmp
+
+    if videos is not None:
+        if overrides or prompt is not None or negative_prompt is not None or seed is not None:
+            raise RecipeError([Problem("--videos", "existing videos take no prompt, seed or overrides; use --recipes "
+                                                   "to generate")])
+        entries = cmp.entries_for(cmp.find_videos(names))
+    else:
+        options = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed}
+        resolved = cmp.resolve_recipes(names, overrides or [], options, out_path / "videos", interpolate)
+        _quiet_libraries()
+        from longvid.interrupts import StopRequests
+
+        with StopRequests(immediate=True):
+            import longvid.runner  # noqa: F401 - torch and diffusers, under a clean stop
+
+        def said(label, path, reused) -> None:
+            if not quiet:
+                err.print(f"{label}: {'reused' if reused else 'made'} {path}")
+
+        if quiet:
+            entries = cmp.generate_all(resolved, on_video=said)
+        else:
+            with _progress() as progress:
+                entries = cmp.generate_all(resolved, progress=progress, on_video=said)
+    page = cmp.write_report(entries, out_path)
+    if not quiet:
+        err.print(f"wrote {page} ({len(entries)} videos side by side)")
+
+
+@app.command()
+@friendly
 def probe(
     recipe: RecipeArg,
     overrides: Overrides = None,
