@@ -407,6 +407,13 @@ def _publish(writer: VideoWriter, sidecar: dict[str, Any], recipe: Recipe, laten
             temps.append((tmp, target))
             with os.fdopen(create_exclusive(tmp), "wb") as f:
                 torch.save(latents.cpu(), f)
+        if recipe.output.preview:  # drawn from the finished, unpublished video: all files appear together or none
+            from longvid.eval.compare import contact_sheet
+
+            target = preview_path(path)
+            tmp = partial_path(target)
+            temps.append((tmp, target))
+            contact_sheet(writer.tmp_path, tmp)
         writer.publish()
         published.append(path)
         for tmp, final in temps:
@@ -423,6 +430,11 @@ def _publish(writer: VideoWriter, sidecar: dict[str, Any], recipe: Recipe, laten
             remove_quietly(tmp)
 
 
+def preview_path(video: Path) -> Path:
+    """``out/cat.mp4`` -> ``out/cat.preview.png`` (``output.preview``)."""
+    return video.with_name(f"{video.stem}.preview.png")
+
+
 def planned_output(recipe: Recipe) -> Path:
     """Where ``recipe``'s video goes (its sidecar beside it), without checking anything."""
     prompt = recipe.prompt if isinstance(recipe.prompt, str) else recipe.prompt[min(recipe.prompt, key=int)]
@@ -437,8 +449,9 @@ def _output_file(recipe: Recipe) -> Path:
     name is not a folder, and neither the video nor its sidecar exists (unless overwriting)."""
     path = planned_output(recipe)
     check_output_folder(path.parent, need_bytes=_estimate_bytes(recipe))
-    for target in (path, sidecar_path(path)) + ((path.with_suffix(".latents.pt"),) if recipe.output.save_latents
-                                                  else ()):
+    extra = ([preview_path(path)] if recipe.output.preview else []) + \
+        ([path.with_suffix(".latents.pt")] if recipe.output.save_latents else [])
+    for target in [path, sidecar_path(path), *extra]:
         check_writable(target, recipe.output.overwrite)
     return path
 

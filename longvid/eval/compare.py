@@ -166,15 +166,20 @@ def write_report(entries: list[Entry], out_dir: Path, title: str = "longvid comp
     return page
 
 
+def contact_sheet(video: Path, sheet: Path) -> None:
+    """Write ``sheet`` (PNG): every k-th frame of ``video`` (k = frames // 8), four per row (``output.preview``)."""
+    _sheet_and_series(video, sheet)
+
+
 def _sheet_and_series(video: Path, sheet: Path) -> dict[str, list[float]]:
     """One pass over the video: the contact sheet (every k-th frame, 4 per row) and per-frame luma and
     difference to the previous frame (0..1), for the plot."""
     from longvid.eval.frames import open_frames
 
     luma, diff, picked = [], [], []
+    count = _frame_count(video)
+    every = max(1, count // SHEET_FRAMES)
     with open_frames(video, max_side=SHEET_SIDE) as frames:
-        count = _frame_count(video)
-        every = max(1, count // SHEET_FRAMES)
         previous = None
         for i, frame in enumerate(frames):  # (h, w, 3) uint8
             grey = frame.astype(np.float32).mean(axis=2) / 255.0  # (h, w)
@@ -213,14 +218,20 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
     """A uint8 ``(H, W, 3)`` image as PNG through the bundled ffmpeg (no imaging library needed), atomically."""
     import imageio_ffmpeg
 
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    from longvid.io.paths import create_exclusive, partial_path, remove_quietly
+
+    tmp = partial_path(path.with_suffix(".png"))
+    os.close(create_exclusive(tmp))  # ours, a regular file (no planted link): ffmpeg writes into it
     writer = imageio_ffmpeg.write_frames(str(tmp), (rgb.shape[1], rgb.shape[0]), codec="png", pix_fmt_out="rgb24",
                                          macro_block_size=1, ffmpeg_log_level="error",
                                          output_params=["-frames:v", "1", "-update", "1"])
-    writer.send(None)
-    writer.send(np.ascontiguousarray(rgb))
-    writer.close()
-    os.replace(tmp, path)
+    try:
+        writer.send(None)
+        writer.send(np.ascontiguousarray(rgb))
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        remove_quietly(tmp)
 
 
 def _stack(entries: list[Entry], target: Path) -> None:

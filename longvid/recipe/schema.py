@@ -129,6 +129,9 @@ class OutputConfig:
     """Replace an existing file of the same name (else it is an error)."""
     save_latents: bool = False
     """Also save the final latents as ``<name>.latents.pt``."""
+    preview: bool = False
+    """Also write a contact sheet ``<name>.preview.png`` (every k-th frame, k = frames // 8, four per row), published
+    with the video."""
     crop: Optional[List[int]] = None
     """``[height, width]``: write a centred crop of every frame (``[1080, 1920]`` from a 1088×1920 generation, as
     Wan sizes are multiples of 16). None = the whole frame."""

@@ -169,3 +169,26 @@ def test_the_page_plays_the_videos_together_in_headless_chromium(report):
     half = 97 / 16 / 2
     assert all(abs(t - half) < 0.05 for t in result["after_seek"])  # the slider moved both to the middle
     assert result["cells"] and all(c for c in result["cells"])  # every table cell filled ("–" where no value)
+
+
+def test_output_preview_writes_a_contact_sheet_beside_the_video(tmp_path):
+    from longvid import runner
+    from longvid.errors import OutputExistsError
+    from longvid.recipe.resolve import resolve
+
+    recipe = resolve("demo", [*TINY, "output.preview=true", f"output.dir={tmp_path}"], {"output.name": "fox"})
+    result = runner.generate(recipe)
+    sheet = _frames(tmp_path / "fox.preview.png")[0]
+    assert sheet.shape == (2 * 32 + 4, 4 * 48 + 3 * 4, 3)  # 33 frames: every 4th, 8 of them
+    with open_frames(result.path, max_side=192) as frames:
+        picked = [f for i, f in enumerate(frames) if i % 4 == 0][:8]
+    assert np.array_equal(sheet[:32, :48], picked[0]) and np.array_equal(sheet[36:, 156:204], picked[7])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fox.json", "fox.mp4", "fox.preview.png"]
+    # an existing preview is refused before any work, like the video and its sidecar
+    (tmp_path / "fox.mp4").unlink()
+    (tmp_path / "fox.json").unlink()
+    with pytest.raises(OutputExistsError, match="fox.preview.png"):
+        runner.generate(recipe)
+    without = resolve("demo", [*TINY, f"output.dir={tmp_path / 'b'}"], {"output.name": "fox"})
+    runner.generate(without)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["fox.json", "fox.mp4"]
