@@ -34,3 +34,6 @@ def test_metrics_bench_quick(tmp_path):
     assert 1.8 < metrics["flow_mag"] < 2.2  # the clip pans 2 px per frame of the source
     assert metrics["repetition_lag"] is None and metrics["seams"] == [16] and metrics["notes"] == []
     assert "| flow " in proc.stdout and "s per 100 frames" in proc.stdout and "Goal" in proc.stdout
+    assert report["compare_videos"] == 3 and len(report["compare_report_s"]) == 1
+    assert report["compare_s_per_100_frames_per_video"] == min(report["compare_report_s"]) / 3 * 100 / 24
+    assert "longvid compare's report" in proc.stdout

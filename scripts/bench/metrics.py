@@ -13,7 +13,10 @@ are reported beside the wall time. Stages, timed round-robin (min / median):
    ``frame_diffs`` (mafd, mafd_spike, flicker_2nd, vbench_flicker, seam_score), ``thumbnails``
    (temporal_hf_ratio, repetition), ``sharpness``, ``color`` and ``flow`` (warp_error, flow_mag);
 4. **all, from the MP4**: ``measure_path`` end to end — the goal: under 6.25 s per 100 frames (real time at 16 fps);
-5. **all, from the array**: ``measure`` of the in-memory frames.
+5. **all, from the array**: ``measure`` of the in-memory frames;
+6. **compare's report**: ``longvid compare``'s work beyond the generations (metrics, contact sheets, per-frame series,
+   the side-by-side MP4, the plot, the page) for 3 copies of the clip, per 100 frames of a video, and as a share of
+   a real 81-frame item (Wan2.1-1.3B 480p, ≈ 72 s of denoising at half an H200's peak; notes/performance.md §4.1).
 
 ``--quick``: 24 frames of 240×416, one round. Sizes are H×W.
 """
@@ -27,8 +30,10 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import resource  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -39,12 +44,15 @@ import imageio_ffmpeg  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _harness as hb  # noqa: E402
+from longvid.eval.compare import entries_for, write_report  # noqa: E402
 from longvid.eval.frames import open_frames  # noqa: E402
 from longvid.eval.metrics import SCALAR_METRICS, accumulators, measure, measure_path, prepare  # noqa: E402
 
 FPS = 16
 PAN_PX = 2  # pixels per frame
 GOAL_S = 100 / FPS  # real time at 16 fps, per 100 frames
+COMPARED = 3  # videos in the compare report
+REAL_ITEM_S = 72.0  # a real 81-frame item's denoising (Wan2.1-1.3B 480p, 50 steps x CFG, half an H200's peak)
 
 
 def texture(height: int, width: int) -> np.ndarray:
@@ -95,6 +103,23 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def compare_overhead(mp4: Path, tmp: Path, rounds: int) -> list[float]:
+    """Seconds ``longvid compare`` spends on its report for ``COMPARED`` copies of the clip (the generations are
+    not part of it): metrics, contact sheets, per-frame series, the side-by-side MP4, the plot and the page."""
+    entries_dir = tmp / "compared"
+    entries_dir.mkdir(exist_ok=True)
+    videos = []
+    for i in range(COMPARED):
+        videos.append(entries_dir / f"method-{i}.mp4")
+        shutil.copyfile(mp4, videos[-1])
+    seconds = []
+    for r in range(rounds):
+        tick = time.perf_counter()
+        write_report(entries_for(videos), tmp / f"report-{r}")
+        seconds.append(time.perf_counter() - tick)
+    return seconds
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="24 frames of 240×416, one round (seconds)")
@@ -127,6 +152,7 @@ def main() -> int:
         times, _ = hb.round_robin(stages, rounds=rounds, keep_first=False)
         ffmpeg_cpu_s = (children_cpu_s() - cpu0) / (2 * rounds)  # two stages read the MP4 each round
         metrics = measure_path(mp4, seams=[16])
+        compare_s = compare_overhead(mp4, Path(tmp), rounds)
     per_100 = {name: min(ts) * 100 / frames for name, ts in times.items()}
     end_to_end = per_100["all, from the MP4 (measure_path)"]
     print(hb.markdown_table(
@@ -136,13 +162,21 @@ def main() -> int:
     print(f"Analysed at {analysed_size[1]}×{analysed_size[0]} (H×W). Goal (all metrics from the MP4 faster than "
           f"real time at {FPS} fps, < {GOAL_S:.2f} s per 100 frames): {'met' if end_to_end < GOAL_S else 'MISSED'} "
           f"({end_to_end:.2f} s).\n")
+    per_video = min(compare_s) / COMPARED
+    print(f"longvid compare's report (beyond the generations) for {COMPARED} videos of {frames} frames: "
+          f"{min(compare_s):.2f} s (min of {rounds}), {per_video * 100 / frames:.2f} s per 100 frames of a video "
+          f"(metrics, contact sheet, per-frame series, its share of the side-by-side MP4): "
+          f"{100 * per_video * 81 / frames / REAL_ITEM_S:.1f}% of a real 81-frame item's {REAL_ITEM_S:.0f} s.\n")
     values = [[key, "–" if metrics[key] is None else f"{metrics[key]:.3g}"] for key in SCALAR_METRICS]
     print(hb.markdown_table(["metric", "value"], values))
     hb.write_json(args.json, {"quick": args.quick, "frames": frames, "size": [width, height],
                               "analysed_size": list(analysed_size), "rounds": rounds, "threads": 1,
                               "pan_px_per_frame": PAN_PX, "times_s": times, "per_100_frames_s": per_100,
                               "ffmpeg_cpu_s_per_100_frames": ffmpeg_cpu_s * 100 / frames, "goal_s": GOAL_S,
-                              "goal_met": end_to_end < GOAL_S, "metrics": metrics, "load_average": load0[0]})
+                              "goal_met": end_to_end < GOAL_S, "metrics": metrics, "load_average": load0[0],
+                              "compare_videos": COMPARED, "compare_report_s": compare_s,
+                              "compare_s_per_100_frames_per_video": per_video * 100 / frames,
+                              "real_item_s": REAL_ITEM_S})
     return 0
 
 
