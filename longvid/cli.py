@@ -405,6 +405,44 @@ def compare(
 
 @app.command()
 @friendly
+def explain(
+    recipe: Annotated[str, typer.Argument(help="Built-in recipe name or YAML path.")],
+    overrides: Overrides = None,
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNG figures.")] = "explain",
+    interpolate: InterpolateOpt = False,
+):
+    """Pictures of what a recipe's methods will do, without loading the model (PNG figures).
+
+    \b
+    Examples:
+      longvid explain freeloc-wan-4x --out masks/            # attention tiers and position maps
+      longvid explain freenoise-wan-4x video.num_frames=161 --out fig/
+
+    \b
+    FreeNoise window weights, FreeLong's low-pass filter, FreeLOC's tiers and positions, UltraViCo's decayed
+    pairs, RoPE frequency edits, FreeSwim's windows, Pyramid Flow's schedule (needs matplotlib: the plots extra).
+    """
+    from pathlib import Path
+
+    from longvid.recipe.resolve import resolve
+
+    resolved = resolve(recipe, overrides or [], interpolate=interpolate)
+    target = Path(out_dir)
+    if target.exists() and not target.is_dir():
+        raise RecipeError([Problem("--out", f"{target} exists and is not a folder")])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RecipeError([Problem("explain", "the figures need matplotlib: pip install 'longvid[plots]'")]) from None
+    _quiet_libraries()
+    from longvid.eval.explain import explain as draw
+
+    for path in draw(resolved, target):
+        out.print(str(path))
+
+
+@app.command()
+@friendly
 def probe(
     recipe: RecipeArg,
     overrides: Overrides = None,

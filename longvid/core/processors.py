@@ -45,9 +45,13 @@ def op_active(op) -> bool:
 
 def plain_linear(module: torch.nn.Module) -> bool:
     """A bare ``nn.Linear`` whose weight is here: raw-weight fast paths (stacked or sliced weights) are exact for
-    it. Not for wrappers (LoRA layers are another type) nor for layers accelerate offloads (a hook brings the
-    weight in at forward time; until then it sits on the meta device): those are called as modules instead."""
-    return type(module) is torch.nn.Linear and not hasattr(module, "_hf_hook") and module.weight.device.type != "meta"
+    it. Not for wrappers (LoRA layers are another type), layers accelerate offloads (a hook brings the weight in at
+    forward time; until then it sits on the meta device) nor layers with diffusers hooks (fp8 layerwise casting
+    keeps an fp8 weight that only the forward upcasts): those are called as modules instead."""
+    if type(module) is not torch.nn.Linear or hasattr(module, "_hf_hook") or module.weight.device.type == "meta":
+        return False
+    registry = getattr(module, "_diffusers_hook", None)  # diffusers hooks (fp8 layerwise casting upcasts in forward)
+    return registry is None or not registry.hooks
 
 
 def weight_key(t: torch.Tensor) -> tuple[int, int]:

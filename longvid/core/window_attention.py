@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longvid.core.processors import input_norms, qk_norms, weight_key
+from longvid.core.processors import input_norms, plain_linear, qk_norms, weight_key
 from longvid.core.windows import FusionPlan, check_window, fusion_plan, window_weights
 
 
@@ -201,9 +201,10 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 def _linear_part(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The bias-free part of an affine projection, ``W·x``. ``(…, C_in) -> (…, C_out)``.
 
-    Plain ``nn.Linear``: ``F.linear`` without bias. Anything else affine (a LoRA-wrapped linear):
+    Plain ``nn.Linear``: ``F.linear`` without bias. Anything else affine (a LoRA-wrapped, offloaded or fp8-stored
+    linear):
     ``proj(x) - proj(0)``.
     """
-    if type(proj) is nn.Linear:
+    if plain_linear(proj):
         return F.linear(x, proj.weight)
     return proj(x) - proj(torch.zeros_like(x))

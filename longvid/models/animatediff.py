@@ -92,7 +92,8 @@ class AnimateDiffAdapter(ModelAdapter):
         if embeds.shape[0] == x.shape[0]:  # one embedding per video -> one per frame
             embeds = embeds.repeat_interleave(frames, dim=0)
         unet = self.pipe.unet
-        x = x.to(unet.conv_in.weight.dtype)  # a refine stage hands float32 latents to an fp16 UNet (a no-op else)
+        # a refine stage hands float32 latents to an fp16 UNet (a no-op else); with fp8 storage the compute dtype
+        x = x.to(self.compute_dtypes.get("unet") or unet.conv_in.weight.dtype)
         return unet(x, t, encoder_hidden_states=embeds).sample
 
     # ---------------------------------------------------------------------------------- VAE streams

@@ -41,7 +41,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 #: Recipe keys fixed when a model is loaded; every other key is read per run.
 LOAD_KEYS = ("model.family", "model.path", "model.motion_adapter", "model.revision", "model.variant", "model.dtype",
              "model.text_encoder_dtype", "model.vae_dtype", "model.local_files_only", "runtime.device",
-             "runtime.offload")
+             "runtime.offload", "runtime.layerwise_casting")
 
 
 def load_key(recipe: Recipe) -> dict[str, Any]:
@@ -116,6 +116,7 @@ class ModelAdapter:
         self._hooks: list[Callable[[], None]] = []
         self._sites: list[AttentionSite] | None = None
         self._owners: dict[int, str] = {}  # id(site module) -> method that patched it
+        self.compute_dtypes: dict[str, torch.dtype] = {}  # set by load(); empty for adapters built by hand
         self.attention_sites()  # find the sites and start keeping their layouts current
 
     # ------------------------------------------------------------------------------------ loading
@@ -137,6 +138,12 @@ class ModelAdapter:
 
     @classmethod
     def _wrap(cls, pipe: Any, recipe: Recipe, device: torch.device) -> "ModelAdapter":
+        dtypes = cls._dtypes(recipe.model, device)
+        storage = recipe.runtime.layerwise_casting
+        if storage != "none":  # before any move: the fp8 copies are what goes to the device
+            for name, module in ((n, getattr(pipe, n, None)) for n in cls.denoiser_names):
+                if module is not None:
+                    module.enable_layerwise_casting(storage_dtype=getattr(torch, storage), compute_dtype=dtypes[name])
         offload = recipe.runtime.offload
         if offload == "model" and device.type == "cuda":
             pipe.enable_model_cpu_offload(device=device)
@@ -148,6 +155,8 @@ class ModelAdapter:
             if isinstance(module, torch.nn.Module):
                 module.eval()  # no dropout: modules built in code (tiny:) start in training mode, unlike from_pretrained
         adapter = cls(pipe, load_key(recipe), device)
+        # what each component computes in (with fp8 storage its weights are not: inputs are cast to this instead)
+        adapter.compute_dtypes = dtypes
         adapter.check_loaded()
         return adapter
 

@@ -154,6 +154,8 @@ def _check_pyramid_flow(recipe) -> list[tuple[str, str]]:
         problems.append(("model.dtype", "Pyramid Flow gives NaNs (black video) in float16; use bfloat16 or float32"))
     if recipe.sampler.scheduler is not None:
         problems.append(("sampler.scheduler", "Pyramid Flow has its own pyramid flow-matching schedule; remove it"))
+    if recipe.runtime.layerwise_casting != "none":
+        problems.append(("runtime.layerwise_casting", "not available for Pyramid Flow yet; use none"))
     variant = recipe.model.variant or PYRAMID_FLOW.variants[0]
     units = PYRAMID_FLOW.latent_frames(recipe.video.num_frames or 1)
     limit = PYRAMID_TRAINED_UNITS.get(variant)

@@ -181,7 +181,8 @@ class WanAdapter(ModelAdapter):
     def predict(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, expert: int = 0) -> torch.Tensor:
         """Unguided flow prediction of denoiser ``expert`` for latents ``x`` (B, C, F', H', W') at timestep ``t``."""
         model = self.denoisers[expert]
-        # the patch embedding's dtype is the input's (ModelMixin.dtype walks every submodule: ~0.1 ms a call)
+        # the patch embedding's dtype is the input's (ModelMixin.dtype walks every submodule: ~0.1 ms a call); fp8
+        # layerwise casting leaves the patch embedding as loaded (diffusers' skip list for Wan)
         model_in = x.to(model.patch_embedding.weight.dtype)
         if self.pipe.config.expand_timesteps:  # TI2V-5B: one timestep per token
             p_t, p_h, p_w = model.config.patch_size
