@@ -151,6 +151,12 @@ class ModelAdapter:
             pipe.enable_sequential_cpu_offload(device=device)
         else:
             pipe.to(device)
+            if offload == "group" and device.type == "cuda":  # blocks wait in (pinned) CPU memory, one group onloaded
+                for module in (getattr(pipe, n, None) for n in cls.denoiser_names):
+                    if module is not None:
+                        module.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                                    offload_type="block_level", num_blocks_per_group=1,
+                                                    use_stream=True)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval()  # no dropout: modules built in code (tiny:) start in training mode, unlike from_pretrained

@@ -90,8 +90,10 @@ class RuntimeConfig:
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     threads: Optional[int] = None
     """CPU threads for torch. None = torch's default."""
-    offload: Literal["none", "model", "sequential"] = "none"
-    """Move idle components to the CPU (``model``) to save GPU memory."""
+    offload: Literal["none", "model", "sequential", "group"] = "none"
+    """Keep weights in CPU memory to save GPU memory: ``model`` moves idle components, ``sequential`` every layer,
+    ``group`` the denoisers' blocks one at a time (diffusers' group offloading, overlapped with compute on CUDA
+    streams) with the other components on the GPU. CUDA only; a no-op on CPU."""
     layerwise_casting: Literal["none", "float8_e4m3fn", "float8_e5m2"] = "none"
     """Store the denoisers' weights in fp8 and upcast each layer to the compute dtype as it runs (diffusers'
     ``enable_layerwise_casting``; embeddings and norms stay as loaded): about half the weight memory of bf16 at

@@ -4,7 +4,8 @@
 
 Every model is built in code (no downloads): Wan 2.1 T2V 1.3B with its released transformer and VAE configs
 and random weights (transformer bf16, VAE fp32), and a 1-layer UMT5 encoder of width 4096 standing in for
-UMT5-XXL (text encoding is not what this checks). One ``WanAdapter`` serves every case, each run through
+UMT5-XXL (text encoding is not what this checks). One ``WanAdapter`` serves every case of one load key (the
+memory-knob cases get a freshly built model each), each run through
 ``runner.generate`` exactly as the CLI runs a recipe (CFG 5.0, a few steps):
 
 1. ``vanilla-81``     81 frames at 480x832 (latents 16x21x60x104), plain 3D attention.
@@ -18,7 +19,11 @@ UMT5-XXL (text encoding is not what this checks). One ``WanAdapter`` serves ever
 7. ``freeswim-1080p`` 81 frames at 480x832, then FreeSwim at 1088x1920 (pixel hand-off, strength 0.7): the refine
                       stage's first step is a guide step (window + full branch, cache stored), the second a reuse
                       step (window branch alone, batch 1); compiled flex on a tile-major block mask.
-8. ``pyramid-flow-384p`` Pyramid Flow miniFLUX at its released size (1.97 B parameters, random, bf16; the causal
+8. ``fp8-81``         ``vanilla-81`` with the transformer's weights stored in fp8 (``runtime.layerwise_casting``:
+                      float8_e4m3fn, upcast to bf16 per layer).
+9. ``group-offload-81`` ``vanilla-81`` with diffusers' group offloading (``runtime.offload: group``: one block at a
+                      time from pinned CPU memory on CUDA streams).
+10. ``pyramid-flow-384p`` Pyramid Flow miniFLUX at its released size (1.97 B parameters, random, bf16; the causal
                       VAE at its released size; 1-layer CLIP-L/T5 stand-ins), 9 frames (2 latent units) at 384x640:
                       the image unit, then one autoregressive unit with its pyramid history; a "step" is a unit.
 
@@ -56,7 +61,7 @@ import torch  # noqa: E402
 REAL = {"frames": 81, "long": 161, "base": (480, 832), "refine": (720, 1280), "window": 81, "swim": (1088, 1920)}
 TINY = {"frames": 9, "long": 17, "base": (32, 48), "refine": (64, 96), "window": 9, "swim": (64, 96)}
 CASES = ("vanilla-81", "freenoise-161", "freelong-161", "upscale-720p", "freeloc-161", "ultravico-161",
-         "freeswim-1080p", "pyramid-flow-384p")
+         "freeswim-1080p", "fp8-81", "group-offload-81", "pyramid-flow-384p")
 PYRAMID_CASES = ("pyramid-flow-384p",)  # another model family: its own adapter, built after the Wan cases
 PROMPT = "a red fox running through fresh snow at dawn, cinematic"
 
@@ -80,6 +85,9 @@ def case_recipes(size: dict) -> dict[str, dict]:
                            "stages": {"base": {"height": h, "width": w},
                                       "refine": {"strength": 0.7, "upsample": "pixel", "sampler": {"flow_shift": 9.0}}},
                            "methods": {"freeswim": {"stages": ["refine"], "mode": "cache", "cache_steps": 2}}},
+        # memory knobs: another load key each, so another (freshly built) model
+        "fp8-81": {"video": short, "runtime": {"layerwise_casting": "float8_e4m3fn"}},
+        "group-offload-81": {"video": short, "runtime": {"offload": "group"}},
         "upscale-720p": {"video": {**short, "height": rh, "width": rw},
                          "stages": {"base": {"height": h, "width": w},
                                     "refine": {"strength": 0.7, "upsample": "pixel", "sampler": {"flow_shift": 9.0}}}},
@@ -263,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
 
     from longvid.io.sidecar import environment_info
+    from longvid.models.base import load_key
     from longvid.models.wan import WanAdapter
     from longvid.recipe.resolve import resolve
 
@@ -275,18 +284,20 @@ def main(argv: list[str] | None = None) -> int:
                         "dtype": dtype, "text_encoder_dtype": dtype, "vae_dtype": "float32"},
               "sampler": {"steps": args.steps, "guidance_scale": 5.0, "max_sequence_length": 32},
               "prompt": PROMPT, "seed": 0, "runtime": {"device": device.type}}
-    recipes = {name: resolve({"name": f"smoke-{name}", **shared, **case}) for name, case in
-               case_recipes(size).items() if name in names}  # all resolved (and validated) before any model
+    recipes = {name: resolve({"name": f"smoke-{name}", **shared, **case,
+                              "runtime": {**shared["runtime"], **case.get("runtime", {})}})
+               for name, case in case_recipes(size).items() if name in names}  # all validated before any model
     recipes.update({name: resolve(pyramid_recipe(args.tiny, args.steps, device)) for name in PYRAMID_CASES
                     if name in names})
 
     report = {"mode": "tiny" if args.tiny else "real", "steps": args.steps, "device": str(device), "environment": env,
               "transformer_parameters": None, "cases": []}
     out.parent.mkdir(parents=True, exist_ok=True)
-    for family, group in (("wan", [n for n in names if n not in PYRAMID_CASES]),
-                          ("pyramid_flow", [n for n in names if n in PYRAMID_CASES])):
-        if not group:
-            continue
+    groups: dict[tuple[str, str], list[str]] = {}  # one built model per family and load key, in case order
+    for name in names:
+        family = "pyramid_flow" if name in PYRAMID_CASES else "wan"
+        groups.setdefault((family, json.dumps(load_key(recipes[name]), sort_keys=True)), []).append(name)
+    for (family, _), group in groups.items():
         tick = time.perf_counter()
         if family == "wan":
             pipe = build_pipe(args.tiny, device)
