@@ -41,7 +41,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 #: Recipe keys fixed when a model is loaded; every other key is read per run.
 LOAD_KEYS = ("model.family", "model.path", "model.motion_adapter", "model.revision", "model.variant", "model.dtype",
              "model.text_encoder_dtype", "model.vae_dtype", "model.local_files_only", "runtime.device",
-             "runtime.offload", "runtime.layerwise_casting")
+             "runtime.offload", "runtime.layerwise_casting", "runtime.attention_backend")
 
 
 def load_key(recipe: Recipe) -> dict[str, Any]:
@@ -144,6 +144,16 @@ class ModelAdapter:
             for name, module in ((n, getattr(pipe, n, None)) for n in cls.denoiser_names):
                 if module is not None:
                     module.enable_layerwise_casting(storage_dtype=getattr(torch, storage), compute_dtype=dtypes[name])
+        backend = recipe.runtime.attention_backend
+        if backend is not None:  # before longvid's processors: they inherit it from the ones they replace
+            for module in (getattr(pipe, n, None) for n in cls.denoiser_names):
+                if module is not None:
+                    try:
+                        module.set_attention_backend(backend)
+                    except (RuntimeError, ValueError, ImportError) as err:  # e.g. flash-attn not installed
+                        raise ModelLoadError(f"runtime.attention_backend: {backend} cannot run here ("
+                                             f"{' '.join(str(err).split())}); remove it or install its package") \
+                            from None
         offload = recipe.runtime.offload
         if offload == "model" and device.type == "cuda":
             pipe.enable_model_cpu_offload(device=device)

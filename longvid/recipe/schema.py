@@ -98,6 +98,10 @@ class RuntimeConfig:
     """Store the denoisers' weights in fp8 and upcast each layer to the compute dtype as it runs (diffusers'
     ``enable_layerwise_casting``; embeddings and norms stay as loaded): about half the weight memory of bf16 at
     a small loss of precision. Wan and AnimateDiff."""
+    attention_backend: Optional[str] = None
+    """diffusers' attention backend for the attention a method leaves as it is (``native`` SDPA by default;
+    ``flash``, ``_flash_3``, ``sage``, ``xformers``, ``_native_cudnn``, … when installed): Wan. Methods' own
+    kernels (flex attention, windows) are not affected."""
     vae_tiling: bool = False
     """Decode (and encode pixel hand-offs) in overlapping spatial tiles, as diffusers' ``vae.enable_tiling()``,
     still streamed frame by frame (Wan): bounds VAE memory at 1080p and 4K; frames equal diffusers' tiled ones."""

@@ -63,6 +63,14 @@ LIMITS = {
 }
 #: The generator's seed range: torch.Generator.manual_seed takes a 64-bit unsigned integer.
 MAX_SEED = 2**64 - 1
+#: diffusers' attention backends (``AttentionBackendName`` of the pinned minor version; a test keeps them equal), so
+#: ``runtime.attention_backend`` is checked without importing torch.
+ATTENTION_BACKENDS = ("flash", "flash_hub", "flash_varlen", "flash_varlen_hub", "flash_4_hub", "_flash_3",
+                      "_flash_varlen_3", "_flash_3_hub", "_flash_3_varlen_hub", "aiter_fa2_hub", "flex", "native",
+                      "_native_cudnn", "_native_efficient", "_native_flash", "_native_math", "_native_npu",
+                      "_native_xla", "sage", "sage_hub", "sage_blackwell_hub", "sage_varlen",
+                      "_sage_qk_int8_pv_fp8_cuda", "_sage_qk_int8_pv_fp8_cuda_sm90", "_sage_qk_int8_pv_fp16_cuda",
+                      "_sage_qk_int8_pv_fp16_triton", "xformers")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
                 "placebo")
 
@@ -289,6 +297,15 @@ def _check_ranges(recipe: Recipe) -> list[Problem]:
     problems = _check_sampler(s, "sampler")
     if s.max_sequence_length is not None and s.max_sequence_length < 1:
         problems.append(Problem("sampler.max_sequence_length", f"must be positive, got {s.max_sequence_length}"))
+    backend = recipe.runtime.attention_backend
+    if backend is not None:
+        if backend not in ATTENTION_BACKENDS:
+            hint = registry.suggest(backend, ATTENTION_BACKENDS)
+            public = ", ".join(b for b in ATTENTION_BACKENDS if not b.startswith("_"))
+            problems.append(Problem("runtime.attention_backend", f"unknown backend '{backend}'{hint}; known: {public}"))
+        elif recipe.model.family != "wan":
+            problems.append(Problem("runtime.attention_backend", f"{recipe.model.family} attention does not go "
+                                                                 "through diffusers' dispatch; remove it (Wan only)"))
     if recipe.runtime.checkpoint_every < 1:
         problems.append(Problem("runtime.checkpoint_every", f"must be at least 1, got {recipe.runtime.checkpoint_every}"))
     if not 0 <= recipe.output.crf <= 51:
