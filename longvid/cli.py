@@ -226,19 +226,36 @@ def batch(
     from pathlib import Path
 
     from longvid.batch.manifest import resolve_items
-    from longvid.batch.shards import pick_shard, shard_items
+    from longvid.batch.shards import pick_shard
 
-    picked = pick_shard(shard)
-    items = resolve_items(Path(manifest), recipe, [*(overrides or []), f"output.dir={json.dumps(out_dir)}"], name,
-                          interpolate=interpolate)
-    _quiet_libraries()
+    from longvid.errors import Stopped
     from longvid.interrupts import StopRequests
 
-    with StopRequests(immediate=True):
-        from longvid.batch.worker import run
+    # one stop handler from the start (SLURM's USR1/TERM may come at any time): a stop before the first item
+    # exits 75 like one between items, so the array script requeues the task
+    with StopRequests() as stop:
+        try:
+            picked = pick_shard(shard)
+            items = resolve_items(Path(manifest), recipe, [*(overrides or []), f"output.dir={json.dumps(out_dir)}"],
+                                  name, interpolate=interpolate)
+            _quiet_libraries()
+            with stop.immediately():  # torch and diffusers import
+                from longvid.batch.worker import run
+        except Stopped:
+            from longvid.io.checkpoint import Checkpointed
+
+            raise Checkpointed(f"{stop.requested}: stopped before the first item, nothing was lost; rerun the same "
+                               "command to go on") from None
+        _run_batch(run, items, picked, out_dir, manifest, force, fail_fast, quiet, stop)
+
+
+def _run_batch(run, items, picked, out_dir, manifest, force, fail_fast, quiet, stop) -> None:
+    from pathlib import Path
+
+    from longvid.batch.shards import shard_items
 
     if quiet:
-        results = run(items, picked, Path(out_dir), Path(manifest), force=force, fail_fast=fail_fast)
+        results = run(items, picked, Path(out_dir), Path(manifest), force=force, fail_fast=fail_fast, stop=stop)
     else:
         with _progress() as progress:
             total, seen = len(shard_items(len(items), picked)), []
@@ -251,7 +268,7 @@ def batch(
                 progress("items", len(seen), total)
 
             results = run(items, picked, Path(out_dir), Path(manifest), force=force, fail_fast=fail_fast,
-                          progress=progress, on_item=report)
+                          progress=progress, on_item=report, stop=stop)
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "busy", "failed")}
     err.print(f"shard {picked[0]}/{picked[1]}: {len(results)} items: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if not quiet and results:

@@ -383,12 +383,17 @@ def _sidecar(recipe: Recipe, path: Path | None, latents: torch.Tensor, timings: 
 
 
 def _seams(recipe: Recipe) -> list[int]:
-    """The pixel frames where some method's temporal window begins or ends (for ``longvid metrics``): latent frame
-    ``l`` starts at pixel frame ``s·(l−1)+1`` for a VAE of temporal stride ``s`` whose first latent is one frame."""
+    """The pixel frames where a method's temporal window begins or ends in the video written (for ``longvid
+    metrics``): from the methods of the stages that make the output's frames (a stage at another frame count is
+    resampled in time, so its windows do not fall on the output's frames); latent frame ``l`` starts at pixel frame
+    ``s·(l−1)+1`` for a VAE of temporal stride ``s`` whose first latent is one frame."""
+    from longvid.recipe.stages import plan_stages
+
     spec = registry.model_spec(recipe.model.family)
     s = spec.temporal_stride
-    latent = {f for name, config in recipe.methods.items()
-              for f in registry.method_class(name).window_bounds(config, recipe, spec)}
+    frames = recipe.video.num_frames
+    latent = {f for plan in plan_stages(recipe) if plan.num_frames == frames for name in plan.methods
+              for f in registry.method_class(name).window_bounds(recipe.methods[name], frames, spec)}
     return sorted(s * (f - 1) + 1 for f in latent)
 
 

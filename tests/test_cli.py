@@ -191,7 +191,7 @@ BAD = {
     "invalid yaml": (["--recipe", "{bad_yaml}"], "not valid YAML"),
     "missing model.path": (["--recipe", "{no_path}"], "model.path: required"),
     "unknown key": (["--recipe", "demo", "video.num_frame=33"], "did you mean 'num_frames'?"),
-    "bad literal": (["--recipe", "demo", "runtime.offload=foo"], "expected one of ['none', 'model', 'sequential']"),
+    "bad literal": (["--recipe", "demo", "runtime.offload=foo"], "expected one of ['none', 'model', 'sequential', 'group']"),
     "not key=value": (["--recipe", "demo", "steps"], "expected key=value"),
     "wan frames": (["--recipe", "demo", "video.num_frames=32"], "video.num_frames: wan needs 4k+1 frames, got 32 "
                                                                 "(nearest: 29 or 33)"),

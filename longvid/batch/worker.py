@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,7 @@ from longvid.batch.manifest import Item
 from longvid.errors import Stopped
 from longvid.interrupts import StopRequests
 from longvid.io.checkpoint import Checkpointed, recipe_hash
+from longvid.io.paths import write_text_atomically
 from longvid.io.sidecar import sidecar_path
 
 PLAN = "batch.json"
@@ -50,6 +52,9 @@ class ItemResult:
     finished: float = 0.0  # unix time the result was recorded
     load_s: float = 0.0  # the model load this item waited for (the first item of each load key), else 0
     peak_memory_bytes: int | None = None  # the item's own peak (CUDA allocator, or resident set on CPU)
+
+
+_CLAIM_TRIES = 4  # a worker holds a claim for minutes; `longvid status` probes it for microseconds
 
 
 def claim_path(output: Path) -> Path:
@@ -84,11 +89,15 @@ class Claim:
     def take(cls, output: Path) -> "Claim | None":
         """Lock ``output``'s claim file, or None when a live worker holds it."""
         fd = os.open(claim_path(output), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EAGAIN / EACCES: held by another process
-            os.close(fd)
-            return None
+        for attempt in range(_CLAIM_TRIES):
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:  # EAGAIN / EACCES: held by another process (a worker, or `status` probing an instant)
+                if attempt == _CLAIM_TRIES - 1:
+                    os.close(fd)
+                    return None
+                time.sleep(0.02)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode())
         return cls(fd)
@@ -116,8 +125,9 @@ def held(output: Path) -> bool:
 
 def run(items: list[Item], shard: tuple[int, int], out_dir: Path, manifest: Path, *, force: bool = False,
         fail_fast: bool = False, progress: Callable | None = None,
-        on_item: Callable[[ItemResult], None] | None = None) -> list[ItemResult]:
-    """Run this worker's shard of ``items``; returns one :class:`ItemResult` per item of the shard."""
+        on_item: Callable[[ItemResult], None] | None = None, stop: StopRequests | None = None) -> list[ItemResult]:
+    """Run this worker's shard of ``items``; returns one :class:`ItemResult` per item of the shard. ``stop``: the
+    caller's active stop handler (the CLI installs one before it resolves the manifest), else one is installed."""
     from longvid import runner
     from longvid.batch.shards import shard_items
     from longvid.models.base import load_key
@@ -141,11 +151,11 @@ def run(items: list[Item], shard: tuple[int, int], out_dir: Path, manifest: Path
 
     # One stop handler for the worker's whole life: a SIGTERM/SIGUSR1 while a model loads or between items stops
     # before the next item (nothing lost: exit 75, requeue me); during an item the run checkpoints it (see runner).
-    try:
-        with StopRequests() as stop:
+    with nullcontext(stop) if stop is not None else StopRequests() as stop:
+        try:
             _run_groups(list(groups.values()), runner, stop, force, fail_fast, progress, record)
-    finally:
-        merge_results(out_dir)  # also when stopped: the merged view is never older than this worker's log
+        finally:
+            merge_results(out_dir)  # also when stopped: the merged view is never older than this worker's log
     return results
 
 
@@ -182,8 +192,12 @@ def _run_groups(groups: list[list[Item]], runner, stop: StopRequests, force: boo
                         try:
                             with stop.immediately():  # loading writes nothing: a stop need not wait for it
                                 adapter = runner.load_adapter(item.recipe)
-                        except Stopped:
-                            raise _between(stop) from None
+                        except BaseException:
+                            # the stop may surface rewrapped (diffusers turns any error while it reads weights
+                            # into an OSError, longvid into a ModelLoadError): a requested stop wins
+                            if stop.requested is not None:
+                                raise _between(stop) from None
+                            raise
                         load_s = round(time.perf_counter() - tick, 3)
                     recipe = item.recipe
                     if force:
@@ -214,9 +228,7 @@ def _run_groups(groups: list[list[Item]], runner, stop: StopRequests, force: boo
 def _write_failure(output: Path, item: Item, message: str, recipe: dict) -> None:
     data = {"index": item.index, "line": item.line, "error": message, "recipe_hash": recipe_hash(recipe),
             "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
-    tmp = failed_path(output).with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, failed_path(output))
+    write_text_atomically(failed_path(output), json.dumps(data))
 
 
 def _write_plan(out_dir: Path, manifest: Path, items: list[Item]) -> None:
@@ -225,9 +237,7 @@ def _write_plan(out_dir: Path, manifest: Path, items: list[Item]) -> None:
 
     plan = {"manifest": str(manifest), "items": len(items),
             "outputs": [runner.planned_output(i.recipe).name for i in items]}
-    tmp = out_dir / f".{PLAN}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(plan), encoding="utf-8")
-    os.replace(tmp, out_dir / PLAN)
+    write_text_atomically(out_dir / PLAN, json.dumps(plan))
 
 
 def _peak_bytes(sidecar: dict) -> int | None:
@@ -260,16 +270,16 @@ def merge_results(out_dir: Path) -> None:
     outputs = json.loads(plan_file.read_text(encoding="utf-8"))["outputs"]
     best: dict[int, dict] = {}
     for rec in _logged(out_dir):
-        if rec.get("status") not in ("done", "failed") or not 0 <= rec.get("index", -1) < len(outputs):
+        index = rec.get("index", -1)
+        if rec.get("status") not in ("done", "failed") or not isinstance(index, int) or not 0 <= index < len(outputs) \
+                or Path(str(rec.get("output", ""))).name != outputs[index]:  # another manifest's item of that index
             continue
         old = best.get(rec["index"])
         if old is None or (_RANK[rec["status"]], rec.get("finished", 0)) > (_RANK[old["status"]], old.get("finished", 0)):
-            best[rec["index"]] = rec
+            best[index] = rec
     lines = [json.dumps(best.get(i, {"index": i, "status": "left", "output": str(out_dir / name)}))
              for i, name in enumerate(outputs)]
-    tmp = out_dir / f".{RESULTS}.tmp{os.getpid()}"
-    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, out_dir / RESULTS)
+    write_text_atomically(out_dir / RESULTS, "".join(f"{line}\n" for line in lines))
 
 
 def status(out_dir: Path) -> dict:

@@ -122,17 +122,42 @@ def generate_all(recipes: list[tuple[str, Any]], progress: Callable | None = Non
 
 
 def entries_for(videos: list[Path]) -> list[Entry]:
+    """Existing videos as entries; each must decode and hold at least 2 frames (checked before anything is
+    written)."""
+    import imageio_ffmpeg
+
+    problems = []
+    for video in videos:
+        try:
+            frames = imageio_ffmpeg.count_frames_and_secs(str(video))[0]
+        except (RuntimeError, OSError) as err:
+            problems.append(Problem("--videos", f"{video}: not a video ffmpeg can read ({' '.join(str(err).split())[:200]})"))
+            continue
+        if frames < 2:
+            problems.append(Problem("--videos", f"{video}: {frames} frame(s); a comparison needs at least 2"))
+    if problems:
+        raise RecipeError(problems)
     return [Entry(label, path, _sidecar(path)) for label, path in zip(labels_for([str(v) for v in videos]), videos)]
 
 
 def _sidecar(video: Path) -> dict[str, Any]:
+    """What the page shows from a video's sidecar: only a longvid sidecar's keys, each of the expected type (an
+    ``x.json`` of another program, or a hand-edited one, gives nothing rather than a wrong page or a crash)."""
     from longvid.io.sidecar import sidecar_path
 
     try:
         data = json.loads(sidecar_path(video).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict) or "longvid_sidecar" not in data:
+        return {}
+    kept: dict[str, Any] = {k: data[k] for k in ("recipe", "timings", "peak_memory") if isinstance(data.get(k), dict)}
+    if isinstance(data.get("seed"), int):
+        kept["seed"] = data["seed"]
+    seams = data.get("seams")
+    if isinstance(seams, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in seams):
+        kept["seams"] = seams
+    return kept
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -152,7 +177,8 @@ def write_report(entries: list[Entry], out_dir: Path, title: str = "longvid comp
             _copy_atomic(e.path, local)
         e.path = local
     series = {e.label: _sheet_and_series(e.path, out_dir / "sheets" / f"{e.label}.png") for e in entries}
-    metrics = {e.label: measure_path(e.path) for e in entries}
+    # the seams come from the entry's own sidecar: a copied video has none beside it
+    metrics = {e.label: measure_path(e.path, seams=e.sidecar.get("seams")) for e in entries}
     _stack(entries, out_dir / "side-by-side.mp4")
     plot = _plot(series, out_dir / "plots" / "per-frame.png")
     data = {"title": title, "videos": [{"label": e.label, "video": f"videos/{e.label}.mp4",
@@ -279,23 +305,29 @@ def _plot(series: dict[str, dict[str, list[float]]], target: Path) -> Path | Non
     bottom.set_xlabel("frame")
     top.legend(fontsize=8)
     fig.tight_layout()
-    tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, target)
+    from longvid.io.paths import replace_atomically
+
+    try:
+        replace_atomically(target, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return target
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    from longvid.io.paths import replace_atomically
+
+    def copy(tmp: Path) -> None:
+        with open(src, "rb") as f, open(tmp, "wb") as g:  # tmp: our exclusive temporary, a regular file
+            shutil.copyfileobj(f, g)
+
+    replace_atomically(dst, copy)
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from longvid.io.paths import write_text_atomically
+
+    write_text_atomically(path, text)
 
 
 # ------------------------------------------------------------------------------------------------ the page

@@ -387,12 +387,19 @@ def measure(source: str | os.PathLike | np.ndarray, seams: list[int] | None = No
 
 
 def sidecar_seams(video_path: str | os.PathLike) -> list[int] | None:
-    """The ``"seams"`` list of the video's sidecar (``x.mp4`` -> ``x.json``), or ``None`` when there is no
-    sidecar or it has no seams. Raises ``ValueError`` when ``"seams"`` is not a list of integers."""
+    """The ``"seams"`` list of the video's longvid sidecar (``x.mp4`` -> ``x.json``), or ``None`` when there is no
+    sidecar, it is not longvid's (unreadable, not JSON, no ``longvid_sidecar`` key) or it has no seams. Raises
+    ``ValueError`` when a longvid sidecar's ``"seams"`` is not a list of integers."""
     path = sidecar_path(video_path)
     if not path.is_file():
         return None
-    seams = read_sidecar(path).get("seams")
+    try:
+        data = read_sidecar(path)
+    except (OSError, ValueError):  # unreadable, or not JSON: some other program's x.json, not a longvid sidecar
+        return None
+    if not isinstance(data, dict) or "longvid_sidecar" not in data:
+        return None  # JSON, but not longvid's: it says nothing about seams
+    seams = data.get("seams")
     if seams is None:
         return None
     if not isinstance(seams, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in seams):

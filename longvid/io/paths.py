@@ -342,3 +342,26 @@ def remove_quietly(path: str | os.PathLike) -> None:
         pass
     except OSError:
         pass
+
+
+def replace_atomically(final: str | os.PathLike, write) -> None:
+    """Replace ``final`` with a file that ``write(tmp_path)`` fills: the temporary is created exclusively under an
+    unpredictable name (a planted symlink is never followed, two writers never share it) and renamed over
+    ``final`` only when complete; on any failure it is removed and ``final`` is untouched."""
+    tmp = partial_path(final)
+    os.close(create_exclusive(tmp))
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        remove_quietly(tmp)
+
+
+def write_text_atomically(final: str | os.PathLike, text: str) -> None:
+    """:func:`replace_atomically` for a text (UTF-8)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:  # the exclusive temporary is ours: a regular file
+            f.write(text)
+
+    replace_atomically(final, write)

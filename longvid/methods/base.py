@@ -72,8 +72,9 @@ class Method:
         return {}
 
     @classmethod
-    def window_bounds(cls, config: Any, recipe: Any, spec: Any) -> list[int]:
-        """Latent frames where this configuration's temporal windows begin or end (0 < frame < latent length):
+    def window_bounds(cls, config: Any, num_frames: int, spec: Any) -> list[int]:
+        """Latent frames where this configuration's temporal windows begin or end (0 < frame < latent length) in a
+        stage of ``num_frames`` video frames:
         where a window seam may show. The sidecar lists them as pixel frames for ``longvid metrics``' seam score.
         Methods without hard temporal windows (soft blends, tiers, spatial windows) have none."""
         return []

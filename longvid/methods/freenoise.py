@@ -123,14 +123,14 @@ class FreeNoise(Method):
         return window_lat, stride_lat
 
     @classmethod
-    def window_bounds(cls, config: FreeNoiseConfig, recipe: Any, spec: Any) -> list[int]:
+    def window_bounds(cls, config: FreeNoiseConfig, num_frames: int, spec: Any) -> list[int]:
         """Every context window's first and past-the-end latent frame, inside the video (fused windows only: noise
         rescheduling alone has no window in the model)."""
         if cls.fusion_for(config, spec) == "none":
             return []
         from longvid.core.windows import context_views
 
-        frames = spec.latent_frames(recipe.video.num_frames)
+        frames = spec.latent_frames(num_frames)
         window, stride = cls.geometry(config, spec)
         return sorted({f for view in context_views(frames, window, stride) for f in view if 0 < f < frames})
 
@@ -209,7 +209,9 @@ class FreeNoise(Method):
                 key = id(site.pos_embed)
                 if key not in tables:
                     q = site.module.to_q
-                    zeros = torch.zeros(1, window, q.in_features, device=q.weight.device, dtype=q.weight.dtype)
+                    # the compute dtype, not fp8 storage's (runtime.layerwise_casting)
+                    dtype = adapter.compute_dtypes.get(adapter.denoiser_names[0]) or q.weight.dtype
+                    zeros = torch.zeros(1, window, q.in_features, device=q.weight.device, dtype=dtype)
                     table = site.pos_embed(zeros)  # (1, window, C): the positional term alone
                     tables[key] = table
                     self.on_remove(replace_forward(site.pos_embed, "longvid.freenoise.positions",

@@ -31,19 +31,22 @@ def _folder(tmp_path: Path, logs: dict[str, list[dict]], n: int = 4) -> Path:
 
 
 def test_the_merged_results_keep_the_latest_done_else_failed_else_left(tmp_path):
+    def rec(index, status, finished, **extra):
+        return {"index": index, "status": status, "output": str(tmp_path / "out" / f"{index:05d}.mp4"),
+                "finished": finished, **extra}
+
     out = _folder(tmp_path, {
-        "batch-results.0-of-2.jsonl": [{"index": 0, "status": "failed", "error": "oom", "finished": 10.0},
-                                       {"index": 0, "status": "done", "seconds": 4.0, "finished": 20.0},
-                                       {"index": 2, "status": "failed", "error": "first", "finished": 11.0}],
-        "batch-results.1-of-2.jsonl": [{"index": 1, "status": "busy", "finished": 12.0},
-                                       {"index": 0, "status": "skipped", "finished": 30.0},
-                                       {"index": 2, "status": "failed", "error": "second", "finished": 40.0},
-                                       {"index": 9, "status": "done", "finished": 50.0}]})  # not in the plan
+        "batch-results.0-of-2.jsonl": [rec(0, "failed", 10.0, error="oom"), rec(0, "done", 20.0, seconds=4.0),
+                                       rec(2, "failed", 11.0, error="first")],
+        "batch-results.1-of-2.jsonl": [rec(1, "busy", 12.0), rec(0, "skipped", 30.0),
+                                       rec(2, "failed", 40.0, error="second"),
+                                       rec(9, "done", 50.0),  # not in the plan
+                                       {**rec(3, "done", 60.0), "output": "/elsewhere/other-manifest-item.mp4"}]})
     merge_results(out)
     lines = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
     assert [(r["index"], r["status"]) for r in lines] == [(0, "done"), (1, "left"), (2, "failed"), (3, "left")]
     assert lines[0]["seconds"] == 4.0 and lines[2]["error"] == "second"
-    assert not list(out.glob(".*tmp*"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
 def test_status_gives_the_rate_so_far_and_the_time_left_while_workers_run(tmp_path):

@@ -179,6 +179,51 @@ def test_a_stop_while_the_model_loads_ends_the_worker_at_once_with_nothing_lost(
     assert [r.status for r in run(items, (0, 1), tmp_path / "out", manifest)] == ["done", "done"]
 
 
+def test_a_stop_that_a_loader_rewraps_still_ends_the_worker_with_nothing_lost(tmp_path, monkeypatch):
+    """diffusers turns any error while it reads weights into an OSError (and longvid into a ModelLoadError): the
+    requested stop still wins over the rewrapped error."""
+    from longvid import runner
+    from longvid.errors import ModelLoadError
+    from longvid.io.checkpoint import Checkpointed
+
+    manifest = _manifest(tmp_path, ["a red fox"])
+    items = resolve_items(manifest, "demo", [*FAST, f"output.dir={tmp_path / 'out'}"])
+
+    def rewrapping_load(recipe):
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(60)
+        except Exception as err:  # noqa: BLE001 - as diffusers' load_state_dict does
+            raise ModelLoadError(f"cannot load the folder ({err})") from err
+
+    monkeypatch.setattr(runner, "load_adapter", rewrapping_load)
+    with pytest.raises(Checkpointed, match="SIGUSR1: stopped between items"):
+        run(items, (0, 1), tmp_path / "out", manifest)
+
+
+def test_a_stop_while_the_manifest_resolves_exits_75_before_any_item(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from longvid.batch import manifest as manifest_module
+    from longvid.cli import app
+
+    manifest = _manifest(tmp_path, ["a red fox"])
+    real = manifest_module.resolve_items
+
+    def resolve_then_stop(*args, **kwargs):  # SLURM's signal while the manifest is being checked
+        items = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return items
+
+    monkeypatch.setattr(manifest_module, "resolve_items", resolve_then_stop)
+    result = CliRunner().invoke(app, ["batch", str(manifest), "--recipe", "demo", "--out", str(tmp_path / "out"),
+                                      *FAST])
+    assert result.exit_code == 75, result.output
+    assert "SIGTERM: stopped before the first item" in result.output
+    assert not (tmp_path / "out").exists()  # no item was started, nothing was written
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_a_stop_between_items_is_not_lost_and_starts_no_further_item(tmp_path, monkeypatch):
     from longvid import runner
     from longvid.io.checkpoint import Checkpointed

@@ -36,9 +36,10 @@ def test_wan_in_fp8_storage_is_close_to_full_precision_with_an_attention_op_acti
     assert 1e-4 < rel < 0.05  # fp8 rounding, not a different computation
 
 
-def test_animatediff_block_fusion_in_fp8_storage(tiny_animatediff_dir):
+@pytest.mark.parametrize("fusion", ["block", "layer"])
+def test_animatediff_freenoise_fusion_in_fp8_storage(tiny_animatediff_dir, fusion):
     base = animatediff_recipe(tiny_animatediff_dir, num_frames=24)
-    base["methods"] = {"freenoise": {"window": 16, "stride": 4, "fusion": "block"}}
+    base["methods"] = {"freenoise": {"window": 16, "stride": 4, "fusion": fusion}}
     full, _, _ = _run(resolve(base))
     fp8, (_, dtypes), _ = _run(resolve({**base, "runtime": {**base["runtime"], "layerwise_casting": "float8_e5m2"}}))
     assert torch.float8_e5m2 in dtypes

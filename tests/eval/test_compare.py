@@ -96,6 +96,10 @@ def test_a_rerun_reuses_the_videos_and_existing_videos_compare_too(report, tmp_p
     other = _longvid("compare", "--videos", f"{out / 'videos'}", "--out", str(tmp_path / "again"))
     assert other.returncode == 0, other.stderr
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    # the seams come with the videos' own sidecars, although the copies in the report have none beside them
+    assert again["videos"][1]["metrics"]["seams"] == [13, 81]
+    assert again["videos"][1]["metrics"]["seam_score"] == json.loads((out / "metrics.json").read_text())[
+        "videos"][0]["metrics"]["seam_score"]
     assert [v["label"] for v in again["videos"]] == ["freelong-wan-4x.mp4", "freenoise-wan-4x.mp4"]
     assert (tmp_path / "again" / "videos" / "freelong-wan-4x.mp4.mp4").read_bytes() == \
         (out / "videos" / "freelong-wan-4x.mp4").read_bytes()
@@ -165,7 +169,7 @@ def test_the_page_plays_the_videos_together_in_headless_chromium(report):
     assert result["errors"] == [0, 0] and all(d == pytest.approx(97 / 16, abs=0.1) for d in result["durations"])
     assert result["playing"] == [True, True] and result["paused"] == [True, True]
     t0, t1 = result["after_play"]
-    assert t0 > 0.3 and abs(t0 - t1) < 0.15  # both advanced, together
+    assert t0 > 0.1 and abs(t0 - t1) < 0.3  # both advanced, together (loose: a loaded CI machine plays unevenly)
     half = 97 / 16 / 2
     assert all(abs(t - half) < 0.05 for t in result["after_seek"])  # the slider moved both to the middle
     assert result["cells"] and all(c for c in result["cells"])  # every table cell filled ("–" where no value)
@@ -192,3 +196,31 @@ def test_output_preview_writes_a_contact_sheet_beside_the_video(tmp_path):
     without = resolve("demo", [*TINY, f"output.dir={tmp_path / 'b'}"], {"output.name": "fox"})
     runner.generate(without)
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["fox.json", "fox.mp4"]
+
+
+def test_a_foreign_or_broken_json_beside_a_video_is_not_a_sidecar(report, tmp_path):
+    out, _ = report
+    for i, text in enumerate(['{"recipe": "x", "seams": "y"}', "[1, 2]", "{not json", '{"longvid_sidecar": 1, '
+                                                                                    '"recipe": [1], "seams": "z"}']):
+        folder = tmp_path / f"v{i}"
+        folder.mkdir()
+        shutil.copyfile(out / "videos" / "freelong-wan-4x.mp4", folder / "clip.mp4")
+        (folder / "clip.json").write_text(text)
+        proc = _longvid("compare", "--videos", str(folder), "--out", str(tmp_path / f"c{i}"), timeout=120)
+        assert proc.returncode == 0, (text, proc.stderr)
+        [video] = json.loads((tmp_path / f"c{i}" / "metrics.json").read_text())["videos"]
+        assert video["recipe"] is None and video["metrics"]["seam_score"] is None
+        metrics = _longvid("metrics", str(folder / "clip.mp4"), "--json", timeout=120)
+        if i < 3:  # not longvid's: measured without seams
+            assert metrics.returncode == 0 and json.loads(metrics.stdout)[0]["seam_score"] is None, metrics.stderr
+        else:  # longvid's, with broken seams: one line naming the file
+            assert metrics.returncode == 2 and len(metrics.stderr.strip().splitlines()) == 1
+            assert "clip.json" in metrics.stderr and '"seams" must be a list' in metrics.stderr
+
+
+def test_an_unreadable_video_is_refused_before_anything_is_written(tmp_path):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all")
+    proc = _longvid("compare", "--videos", str(junk), "--out", str(tmp_path / "cmp"), timeout=60)
+    assert proc.returncode == 2 and "--videos" in proc.stderr and "junk.mp4" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "cmp").exists()

@@ -88,7 +88,7 @@ def seam_mp4(tmp_path_factory):
     """The seam clip as ``seam.mp4`` with a sidecar ``seam.json`` that lists its seams."""
     path = tmp_path_factory.mktemp("videos") / "seam.mp4"
     write_mp4(path, CLIPS["seam"])
-    path.with_suffix(".json").write_text(json.dumps({"seed": 0, "seams": SEAMS}))
+    path.with_suffix(".json").write_text(json.dumps({"longvid_sidecar": 1, "seed": 0, "seams": SEAMS}))
     return path
 
 
@@ -205,9 +205,9 @@ def test_sidecar_seams(seam_mp4, tmp_path):
     bare = tmp_path / "bare.mp4"
     bare.write_bytes(seam_mp4.read_bytes())
     assert measure_path(bare)["seam_score"] is None  # no sidecar
-    bare.with_suffix(".json").write_text(json.dumps({"seed": 0}))
+    bare.with_suffix(".json").write_text(json.dumps({"longvid_sidecar": 1, "seed": 0}))
     assert measure_path(bare)["seams"] is None  # a sidecar without seams
-    bare.with_suffix(".json").write_text(json.dumps({"seams": "16,32"}))
+    bare.with_suffix(".json").write_text(json.dumps({"longvid_sidecar": 1, "seams": "16,32"}))
     with pytest.raises(ValueError, match="must be a list of frame indices"):
         measure_path(bare)
 
@@ -253,7 +253,7 @@ def test_measure_paths_expands_folders(seam_mp4, tmp_path):
     folder.mkdir()
     for name in ("b.mp4", "a.mp4"):
         (folder / name).write_bytes(seam_mp4.read_bytes())
-    (folder / "a.json").write_text(json.dumps({"seams": SEAMS}))
+    (folder / "a.json").write_text(json.dumps({"longvid_sidecar": 1, "seams": SEAMS}))
     (folder / "notes.txt").write_text("not a video")
     results = measure_paths([str(folder), str(seam_mp4)])
     assert [r["path"] for r in results] == [str(folder / "a.mp4"), str(folder / "b.mp4"), str(seam_mp4)]
@@ -277,7 +277,7 @@ def test_measure_paths_errors_name_the_path_and_the_fix(tmp_path, seam_mp4):
     assert isinstance(err.value.__cause__, VideoReadError)
     video = tmp_path / "v.mp4"
     video.write_bytes(seam_mp4.read_bytes())
-    video.with_suffix(".json").write_text(json.dumps({"seams": [16.5]}))
+    video.with_suffix(".json").write_text(json.dumps({"longvid_sidecar": 1, "seams": [16.5]}))
     with pytest.raises(RecipeError, match=r"v\.mp4: .*\"seams\" must be a list of frame indices"):
         measure_paths([str(video)])
 

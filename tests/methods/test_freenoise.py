@@ -223,10 +223,17 @@ def test_the_sidecar_lists_the_window_seams_and_metrics_measures_there(tmp_path)
     assert runner._seams(resolve("freenoise-animatediff-64")) == list(range(4, 64, 4))  # UNet frames, stride 4
     assert runner._seams(resolve("freenoise-wan-4x", ["methods.freenoise.fusion=none"])) == []  # noise only
     assert runner._seams(resolve("freelong-wan-4x")) == []  # a soft blend: no hard window
+    # stages: only the methods of stages at the output's frame count put seams on its frames
+    staged = ["video.num_frames=161", "stages={base: {num_frames: 81}, refine: {strength: 0.7, upsample: latent}}"]
+    assert runner._seams(resolve("freenoise-wan-4x", [*staged, "methods.freenoise.stages=[base]"])) == []
+    assert runner._seams(resolve("freenoise-wan-4x", staged)) == [37, 77, 81, 121]  # the refine stage's windows
     recipe = resolve("demo", ["methods.freenoise={}", "methods.freenoise.window=9", "methods.freenoise.stride=4",
                               "video.num_frames=17", "video.height=32", "video.width=48", "sampler.steps=2",
                               f"output.dir={tmp_path}"])
     result = runner.generate(recipe)
     assert result.sidecar["seams"] == [1, 5, 9, 13]  # latent views (0, 3), (1, 4), (2, 5)
+    from longvid.eval.metrics import measure
+
     measured = measure_path(result.path)
-    assert measured["seams"] == [1, 5, 9, 13] and measured["seam_score"] > 0
+    assert measured["seams"] == [1, 5, 9, 13]
+    assert measured["seam_score"] == measure(result.path, seams=[1, 5, 9, 13])["seam_score"] > 0
