@@ -86,6 +86,24 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def _set_attention_backend(modules: list, backend: str) -> None:
+    """``set_attention_backend`` on each module, this model's processors only: diffusers also makes the backend
+    the process-wide default, which would change every other model loaded in this process (a batch, a compare, a
+    test session), so that default is put back."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry._active_backend
+    try:
+        for module in modules:
+            if module is not None:
+                module.set_attention_backend(backend)
+    except (RuntimeError, ValueError, ImportError) as err:  # e.g. flash-attn not installed
+        raise ModelLoadError(f"runtime.attention_backend: {backend} cannot run here ({' '.join(str(err).split())}); "
+                             "remove it or install its package") from None
+    finally:
+        _AttentionBackendRegistry.set_active_backend(default)
+
+
 def vae_device(vae: torch.nn.Module, execution: torch.device) -> torch.device:
     """Where a VAE's inputs go: where its weights are, or the execution device when accelerate's sequential
     offload keeps them on the meta device until each layer runs (longvid streams through the VAE's submodules)."""
@@ -146,14 +164,7 @@ class ModelAdapter:
                     module.enable_layerwise_casting(storage_dtype=getattr(torch, storage), compute_dtype=dtypes[name])
         backend = recipe.runtime.attention_backend
         if backend is not None:  # before longvid's processors: they inherit it from the ones they replace
-            for module in (getattr(pipe, n, None) for n in cls.denoiser_names):
-                if module is not None:
-                    try:
-                        module.set_attention_backend(backend)
-                    except (RuntimeError, ValueError, ImportError) as err:  # e.g. flash-attn not installed
-                        raise ModelLoadError(f"runtime.attention_backend: {backend} cannot run here ("
-                                             f"{' '.join(str(err).split())}); remove it or install its package") \
-                            from None
+            _set_attention_backend([getattr(pipe, n, None) for n in cls.denoiser_names], backend)
         offload = recipe.runtime.offload
         if offload == "model" and device.type == "cuda":
             pipe.enable_model_cpu_offload(device=device)

@@ -46,6 +46,10 @@ def test_a_backend_reaches_the_vanilla_and_the_methods_processors_and_gives_the_
     assert torch.allclose(latents, reference, rtol=1e-4, atol=1e-5)  # another SDPA kernel, the same attention
     runner.generate(resolve("demo", [*SMALL, "runtime.attention_backend=_native_math"]), write=False)
     assert inherited and set(inherited) == {"AttentionBackendName._NATIVE_MATH"}
+    # the process-wide default is untouched: a model loaded afterwards without the key runs native attention
+    seen.clear()
+    assert torch.equal(runner.generate(resolve("demo", short), write=False).latents, reference)
+    assert set(seen) == {"None"}
 
 
 def test_bad_backends_are_one_line():
