@@ -74,9 +74,9 @@ def test_a_job_array_makes_every_item_once_like_a_serial_run(cluster, tmp_path):
 
 def test_a_requeued_task_resumes_its_item_and_the_batch_ends_exactly_once(cluster, tmp_path):
     (tmp_path / "prompts.txt").write_text("a red fox\na calm lake\na storm\n")
-    # a periodic checkpoint every 25 of 600 steps: its first one shows the item is denoising with most steps left,
+    # a periodic checkpoint every 25 of 400 steps: its first one shows the item is denoising with most steps left,
     # so the requeue lands mid-item however fast or slow this machine loads the model
-    overrides = ["sampler.steps=600", "video.num_frames=5", "video.height=32", "video.width=48",
+    overrides = ["sampler.steps=400", "video.num_frames=5", "video.height=32", "video.width=48",
                  "runtime.checkpoint=every_n", "runtime.checkpoint_every=25"]
     job = _submit(tmp_path, "out", overrides, tasks=1)
     out = tmp_path / "out"

@@ -199,23 +199,27 @@ def test_output_preview_writes_a_contact_sheet_beside_the_video(tmp_path):
 
 
 def test_a_foreign_or_broken_json_beside_a_video_is_not_a_sidecar(report, tmp_path):
+    from longvid.errors import RecipeError
+    from longvid.eval.compare import entries_for
+    from longvid.eval.report import measure_paths
+
     out, _ = report
-    for i, text in enumerate(['{"recipe": "x", "seams": "y"}', "[1, 2]", "{not json", '{"longvid_sidecar": 1, '
-                                                                                    '"recipe": [1], "seams": "z"}']):
-        folder = tmp_path / f"v{i}"
-        folder.mkdir()
-        shutil.copyfile(out / "videos" / "freelong-wan-4x.mp4", folder / "clip.mp4")
-        (folder / "clip.json").write_text(text)
-        proc = _longvid("compare", "--videos", str(folder), "--out", str(tmp_path / f"c{i}"), timeout=120)
-        assert proc.returncode == 0, (text, proc.stderr)
-        [video] = json.loads((tmp_path / f"c{i}" / "metrics.json").read_text())["videos"]
-        assert video["recipe"] is None and video["metrics"]["seam_score"] is None
-        metrics = _longvid("metrics", str(folder / "clip.mp4"), "--json", timeout=120)
-        if i < 3:  # not longvid's: measured without seams
-            assert metrics.returncode == 0 and json.loads(metrics.stdout)[0]["seam_score"] is None, metrics.stderr
-        else:  # longvid's, with broken seams: one line naming the file
-            assert metrics.returncode == 2 and len(metrics.stderr.strip().splitlines()) == 1
-            assert "clip.json" in metrics.stderr and '"seams" must be a list' in metrics.stderr
+    video = tmp_path / "clip.mp4"
+    shutil.copyfile(out / "videos" / "freelong-wan-4x.mp4", video)
+    for text in ['{"recipe": "x", "seams": "y"}', "[1, 2]", "{not json"]:  # not longvid's: no sidecar at all
+        video.with_suffix(".json").write_text(text)
+        [entry] = entries_for([video])
+        assert entry.sidecar == {} and measure_paths([str(video)])[0]["seam_score"] is None
+    # longvid's, with wrong types: the page keeps only what has the expected type; metrics names the file
+    video.with_suffix(".json").write_text('{"longvid_sidecar": 1, "recipe": [1], "seed": 7, "seams": "z"}')
+    [entry] = entries_for([video])
+    assert entry.sidecar == {"seed": 7}
+    with pytest.raises(RecipeError, match='clip.json: "seams" must be a list'):
+        measure_paths([str(video)])
+    proc = _longvid("compare", "--videos", str(video), "--out", str(tmp_path / "cmp"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    [shown] = json.loads((tmp_path / "cmp" / "metrics.json").read_text())["videos"]
+    assert shown["recipe"] is None and shown["metrics"]["seam_score"] is None
 
 
 def test_an_unreadable_video_is_refused_before_anything_is_written(tmp_path):
