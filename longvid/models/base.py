@@ -41,7 +41,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 #: Recipe keys fixed when a model is loaded; every other key is read per run.
 LOAD_KEYS = ("model.family", "model.path", "model.motion_adapter", "model.revision", "model.variant", "model.dtype",
              "model.text_encoder_dtype", "model.vae_dtype", "model.local_files_only", "runtime.device",
-             "runtime.offload", "runtime.layerwise_casting", "runtime.attention_backend")
+             "runtime.offload", "runtime.layerwise_casting", "runtime.attention_backend", "runtime.compile")
 
 
 def load_key(recipe: Recipe) -> dict[str, Any]:
@@ -181,6 +181,10 @@ class ModelAdapter:
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval()  # no dropout: modules built in code (tiny:) start in training mode, unlike from_pretrained
+        if recipe.runtime.compile == "blocks":  # last: what is compiled is the placed, cast model
+            for module in (getattr(pipe, n, None) for n in cls.denoiser_names):
+                if module is not None:
+                    module.compile_repeated_blocks(fullgraph=False)
         adapter = cls(pipe, load_key(recipe), device)
         # what each component computes in (with fp8 storage its weights are not: inputs are cast to this instead)
         adapter.compute_dtypes = dtypes

@@ -102,6 +102,9 @@ class RuntimeConfig:
     """diffusers' attention backend for the attention a method leaves as it is (``native`` SDPA by default;
     ``flash``, ``_flash_3``, ``sage``, ``xformers``, ``_native_cudnn``, … when installed): Wan. Methods' own
     kernels (flex attention, windows) are not affected."""
+    compile: Literal["none", "blocks"] = "none"
+    """``blocks``: ``torch.compile`` each repeated block of the denoisers once (diffusers' regional compilation,
+    ``compile_repeated_blocks``): faster steps after a one-time compile at the first step. Wan."""
     vae_tiling: bool = False
     """Decode (and encode pixel hand-offs) in overlapping spatial tiles, as diffusers' ``vae.enable_tiling()``,
     still streamed frame by frame (Wan): bounds VAE memory at 1080p and 4K; frames equal diffusers' tiled ones."""

@@ -306,6 +306,9 @@ def _check_ranges(recipe: Recipe) -> list[Problem]:
         elif recipe.model.family != "wan":
             problems.append(Problem("runtime.attention_backend", f"{recipe.model.family} attention does not go "
                                                                  "through diffusers' dispatch; remove it (Wan only)"))
+    if recipe.runtime.compile != "none" and recipe.model.family != "wan":
+        problems.append(Problem("runtime.compile", f"{recipe.model.family} declares no repeated blocks to compile; "
+                                                   "remove it (Wan only)"))
     if recipe.runtime.checkpoint_every < 1:
         problems.append(Problem("runtime.checkpoint_every", f"must be at least 1, got {recipe.runtime.checkpoint_every}"))
     if not 0 <= recipe.output.crf <= 51:
