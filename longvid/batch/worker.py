@@ -33,7 +33,7 @@ from typing import Callable
 from longvid.batch.manifest import Item
 from longvid.errors import Stopped
 from longvid.interrupts import StopRequests
-from longvid.io.checkpoint import Checkpointed, recipe_hash
+from longvid.io.checkpoint import Checkpointed, checkpoint_dir, recipe_hash
 from longvid.io.paths import write_text_atomically
 from longvid.io.sidecar import sidecar_path
 
@@ -300,7 +300,7 @@ def status(out_dir: Path) -> dict:
             counts["failed"] += 1
         else:
             counts["left"] += 1
-        if output.with_name(f".{output.stem}.ckpt").is_dir():
+        if checkpoint_dir(output).is_dir():
             counts["checkpointed"] += 1
     rate = _items_per_hour(_logged(out_dir))
     counts["items_per_hour"] = round(rate, 2) if rate else None

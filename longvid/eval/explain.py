@@ -104,6 +104,13 @@ def _figure(height: float, title: str):
     return fig
 
 
+def _branch_maps(fig, grid: tuple[int, int], shares: list[np.ndarray], titles: list[str]) -> None:
+    """One query x key share map per branch on a ``grid`` of axes, with one colour bar for all."""
+    for ax, share, title in zip(fig.subplots(*grid).flat, shares, titles):
+        im = _pair_axes(ax, share, title)
+    fig.colorbar(im, ax=list(fig.axes), shrink=0.6, label="share of token pairs")
+
+
 def _pair_axes(ax, image: np.ndarray, title: str, cmap: str = "viridis"):
     """A query-frame x key-frame map of shares in [0, 1] (query 0 at the top, as a matrix)."""
     im = ax.imshow(image, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest", aspect="equal")
@@ -337,19 +344,13 @@ def _draw_freeloc(recipe, spec) -> Figures:
 
     fig = _figure(7.6, f"freeloc TSA (sink_future={cfg.sink_future}): share of each frame pair's token pairs "
                        f"per branch\n{grid}\n{note}")
-    axes = fig.subplots(2, 2).flat
-    for ax, share, title in zip(axes, [*d["tsa"], d["tsa_none"]], [*TSA_NAMES, "none (not attended)"]):
-        im = _pair_axes(ax, share, title)
-    fig.colorbar(im, ax=list(fig.axes), shrink=0.6, label="share of token pairs")
+    _branch_maps(fig, (2, 2), [*d["tsa"], d["tsa_none"]], [*TSA_NAMES, "none (not attended)"])
     yield "tsa", fig
 
     w1, w2, g1, g2, clip = (int(v) for v in d["settings"])
     fig = _figure(6.4, f"freeloc VRPR (W1={w1}, W2={w2}, G1={g1}, G2={g2}, clip {clip}, gap_fix={cfg.vrpr_gap_fix}): "
                        f"share of each frame pair's token pairs per branch\n{grid}\n{note}")
-    axes = fig.subplots(2, 3).flat
-    for ax, share, title in zip(axes, [*d["vrpr"], d["vrpr_none"]], [*VRPR_NAMES, "none (the gap)"]):
-        im = _pair_axes(ax, share, title)
-    fig.colorbar(im, ax=list(fig.axes), shrink=0.6, label="share of token pairs")
+    _branch_maps(fig, (2, 3), [*d["vrpr"], d["vrpr_none"]], [*VRPR_NAMES, "none (the gap)"])
     yield "vrpr", fig
 
     rel = d["vrpr_relative"]

@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cv2  # noqa: E402
-import imageio_ffmpeg  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _harness as hb  # noqa: E402
 from longvid.eval.compare import entries_for, write_report  # noqa: E402
 from longvid.eval.frames import open_frames  # noqa: E402
+from longvid.io.video import VideoWriter  # noqa: E402
 from longvid.eval.metrics import SCALAR_METRICS, accumulators, measure, measure_path, prepare  # noqa: E402
 
 FPS = 16
@@ -75,12 +75,8 @@ def make_clip(frames: int, height: int, width: int) -> np.ndarray:
 
 
 def write_mp4(path: Path, clip: np.ndarray) -> None:
-    writer = imageio_ffmpeg.write_frames(str(path), (clip.shape[2], clip.shape[1]), fps=FPS, quality=None,
-                                         output_params=["-crf", "18"], macro_block_size=1, ffmpeg_log_level="error")
-    writer.send(None)
-    for frame in clip:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
+    with VideoWriter(path, fps=FPS, crf=18) as writer:  # as longvid writes a generated video
+        writer.write(clip)
 
 
 def read_all(source) -> list[np.ndarray]:

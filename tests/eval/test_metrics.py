@@ -7,7 +7,6 @@ import json
 import sys
 
 import cv2
-import imageio_ffmpeg
 import numpy as np
 import pytest
 from rich.console import Console
@@ -16,6 +15,7 @@ from longvid.errors import RecipeError
 from longvid.eval.frames import VideoReadError, fit_size, open_frames
 from longvid.eval.metrics import CV2_NOTE, SCALAR_METRICS, measure, measure_path
 from longvid.eval.report import measure_paths, render_table
+from longvid.io.video import VideoWriter
 
 cv2.setNumThreads(1)
 
@@ -70,12 +70,8 @@ CLIPS = {
 
 def write_mp4(path, frames: np.ndarray, fps: int = 16) -> None:
     """libx264 yuv420p at crf 18, as a generated video is written."""
-    writer = imageio_ffmpeg.write_frames(str(path), (frames.shape[2], frames.shape[1]), fps=fps, quality=None,
-                                         output_params=["-crf", "18"], macro_block_size=1, ffmpeg_log_level="error")
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
+    with VideoWriter(path, fps=fps, crf=18) as writer:
+        writer.write(frames)
 
 
 @pytest.fixture(scope="module")
