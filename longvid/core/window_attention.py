@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longvid.core.processors import input_norms, plain_linear, qk_norms, weight_key
+from longvid.core.processors import StackedQKV, input_norms, plain_linear, qk_norms, weight_key
 from longvid.core.windows import FusionPlan, check_window, fusion_plan, window_weights
 
 
@@ -42,6 +42,7 @@ class WindowFusedAttnProcessor:
         self.pos_embed = pos_embed
         self._positions: dict[tuple, tuple] = {}  # (len, dtype, device, weight versions) -> projected W·pe
         self._weights: tuple = (None, None)  # (plan views, regular count, device, dtype) -> (V, L, 1) weights
+        self._qkv = StackedQKV()
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
@@ -50,8 +51,7 @@ class WindowFusedAttnProcessor:
         residual = hidden_states
         hidden_states = input_norms(attn, hidden_states, temb)
         n, frames, _ = hidden_states.shape  # (N, F, C)
-        projections = (attn.to_q, attn.to_k, attn.to_v)
-        q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in projections)  # (N, h, F, D), projected once
+        q, k, v = self._project(attn, hidden_states)  # (N, h, F, D) each, projected once for all frames
         plan = fusion_plan(frames, self.window, self.stride, self.weighting)
         pos = self._projected_positions(attn, hidden_states, len_=plan.views[0][1] - plan.views[0][0])
         if pos is None:  # norms can run once over all frames
@@ -62,6 +62,16 @@ class WindowFusedAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _project(self, attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``(N, h, F, D)`` (strided views) from one stacked GEMM when the three widths agree."""
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        inner = attn.to_q.out_features
+        if any(p.out_features != inner for p in projections):
+            return tuple(_heads(p(x), attn.heads) for p in projections)
+        n, frames, _ = x.shape
+        qkv = self._qkv(attn, x, slice(0, inner)).view(n, frames, 3, attn.heads, -1)  # (N, F, 3, h, D)
+        return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
 
     def _fused_attention(self, attn, q, k, v, plan: FusionPlan, pos) -> torch.Tensor:
         """Attention within each view, weight-averaged per frame. q/k/v ``(N, h, F, D)`` -> ``(N, h, F, D)``.

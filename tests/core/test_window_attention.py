@@ -129,3 +129,34 @@ def test_processor_pos_embed_with_tail_and_chunks(frames):
     expected = _reference_plan(attn, x, 16, 4, pe=pos.pe[0])
     attn.set_processor(WindowFusedAttnProcessor(16, 4, pos_embed=pos, chunk_bytes=1))
     assert (attn(x) - expected).abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ autograd modes
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "plain"])
+def test_processor_runs_in_every_autograd_mode(mode):
+    """Inference mode (weights made outside it), no_grad and plain (autograd) mode all run and agree, the stacked
+    q/k/v weight cache included (it is built in one mode and reused in the next)."""
+    attn, x = _attention(), _x(3, 40)
+    processor = WindowFusedAttnProcessor(16, 4)
+    attn.set_processor(processor)
+    expected = _reference_plan(attn, x, 16, 4)
+    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}.get(mode)
+    with ctx if ctx is not None else torch.enable_grad():
+        out = attn(x)
+        again = attn(x)
+    assert (out - expected).abs().max() <= 1e-5 and torch.equal(out, again)
+    assert out.requires_grad == (mode == "plain")
+
+
+def test_stacked_projection_follows_weight_edits():
+    """The stacked q/k/v weight is rebuilt after an in-place weight edit (a fused LoRA bumps the version)."""
+    attn, x = _attention(), _x(3, 40)
+    attn.set_processor(WindowFusedAttnProcessor(16, 4))
+    with torch.no_grad():
+        before = attn(x)
+        attn.to_k.weight.mul_(1.5)
+        after = attn(x)
+    expected = _reference_plan(attn, x, 16, 4)
+    assert (after - expected).abs().max() <= 1e-5 and (after - before).abs().max() > 1e-3
