@@ -42,6 +42,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 LOAD_KEYS = ("model.family", "model.path", "model.motion_adapter", "model.revision", "model.variant", "model.dtype",
              "model.text_encoder_dtype", "model.vae_dtype", "model.local_files_only", "runtime.device",
              "runtime.offload", "runtime.layerwise_casting", "runtime.attention_backend", "runtime.compile")
+#: ``model.options`` entries fixed at load too (Pyramid Flow's single-file DiT and VAE): ``model.options.<name>``.
+LOAD_OPTIONS = ("transformer_file", "vae_file")
 
 
 def load_key(recipe: Recipe) -> dict[str, Any]:
@@ -50,6 +52,8 @@ def load_key(recipe: Recipe) -> dict[str, Any]:
     for dotted in LOAD_KEYS:
         section, name = dotted.split(".")
         key[dotted] = getattr(getattr(recipe, section), name)
+    for name in LOAD_OPTIONS:
+        key[f"model.options.{name}"] = (recipe.model.options or {}).get(name)
     key["runtime.device"] = str(pick_device(recipe.runtime.device))
     return key
 

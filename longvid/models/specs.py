@@ -130,6 +130,23 @@ class PyramidFlowOptions:
     as the official pipeline)."""
     prompt_suffix: bool = True
     """Append the official ", hyper quality, Ultra HD, 8K" to the prompt."""
+    vae_tile: int = 256
+    """Spatial VAE tile in pixels (0 = no tiling): a frame larger than the tile is decoded in tiles overlapping by
+    1/4 and blended (the decode still streams latent by latent), and the i2v image encoded likewise. Tiling changes
+    the pixels, so the default is what the official pipeline does by default: its README enables the VAE tiling and
+    ``save_memory=True`` (the default of ``generate``/``generate_i2v``) decodes with 256-pixel tiles, and the i2v
+    encode always uses 256 (``save_memory=False`` decodes with 512 but still encodes with 256; here one tile serves
+    both). 0 decodes and encodes whole frames."""
+    transformer_file: Optional[str] = None
+    """One ``.safetensors`` file with the official DiT keys (ComfyUI's bf16/fp8 files) that replaces the variant's
+    ``diffusion_transformer_*`` weights; ``model.path`` still supplies the text encoders (and the config.json)."""
+    vae_file: Optional[str] = None
+    """One ``.safetensors`` file with the official causal-VAE keys that replaces ``causal_video_vae``'s weights."""
+    history_window: Optional[int] = None
+    """None (official): every unit sees all earlier units, and a video may not be longer than the variant was
+    trained for. N: every unit sees only the last N units, renumbered from τ = 0, so any length is allowed and the
+    model never meets a temporal position it was not trained on (longvid's extension; at most the trained units
+    − 1; older units then no longer steer the video, so it can drift)."""
 
     def __post_init__(self):
         for key in ("image_steps", "video_steps"):
@@ -139,6 +156,14 @@ class PyramidFlowOptions:
                                  f"{list(value)}")
         if self.video_guidance_scale < 0:
             raise ValueError(f"model.options.video_guidance_scale must be >= 0, got {self.video_guidance_scale}")
+        tile = self.vae_tile
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0 or tile % 64:
+            raise ValueError(f"model.options.vae_tile must be 0 (no tiling) or a multiple of 64 pixels, got {tile!r}; "
+                             "use 256 (the official default) or 512")
+        window = self.history_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"model.options.history_window must be a number of units >= 1 (or null for the whole "
+                             f"history), got {window!r}")
 
 
 #: the longest video each released resolution was trained for (latent units): 384p temp 16, 768p temp 31
@@ -147,7 +172,9 @@ PYRAMID_TRAINED_UNITS = {"diffusion_transformer_384p": 16, "diffusion_transforme
 
 
 def _check_pyramid_flow(recipe) -> list[tuple[str, str]]:
-    problems = []
+    from longvid.models.pyramid_flow.single_file import check_options
+
+    problems = check_options(recipe.model)  # the single files: there, safetensors, a readable header, the right model
     if recipe.stages:
         problems.append(("stages", "Pyramid Flow generates in one pass (its own spatial pyramid); remove stages"))
     if recipe.model.dtype == "float16":
@@ -159,10 +186,17 @@ def _check_pyramid_flow(recipe) -> list[tuple[str, str]]:
     variant = recipe.model.variant or PYRAMID_FLOW.variants[0]
     units = PYRAMID_FLOW.latent_frames(recipe.video.num_frames or 1)
     limit = PYRAMID_TRAINED_UNITS.get(variant)
-    if limit is not None and units > limit:
+    window = recipe.model.options.get("history_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        window = None  # (a bad value is reported by the options check)
+    if limit is not None and window is not None and window > limit - 1:
+        problems.append(("model.options.history_window", f"{variant} was trained with up to {limit - 1} history "
+                                                         f"units; set at most {limit - 1}"))
+    elif limit is not None and units > limit and window is None:
         problems.append(("video.num_frames", f"{variant} was trained for up to {limit} latents "
                                              f"({1 + 8 * (limit - 1)} frames); {recipe.video.num_frames} frames need "
-                                             f"{units}"))
+                                             f"{units}; shorten it, or set model.options.history_window (at most "
+                                             f"{limit - 1}) to cap the history (an extension)"))
     return problems
 
 

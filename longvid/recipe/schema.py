@@ -34,7 +34,8 @@ class ModelConfig:
     ``diffusion_transformer_384p`` or ``diffusion_transformer_768p``). None = the family's default."""
     options: Dict[str, Any] = field(default_factory=dict)
     """Family-specific settings, checked against the family's own options (Pyramid Flow: ``image_steps``,
-    ``video_steps``, ``video_guidance_scale``, ``prompt_suffix``; see docs/models/pyramid-flow.md)."""
+    ``video_steps``, ``video_guidance_scale``, ``prompt_suffix``, ``vae_tile``, the single-file ``transformer_file`` and
+    ``vae_file``; see docs/models/pyramid-flow.md)."""
     dtype: Optional[Dtype] = None
     """Denoiser dtype (transformer / UNet). None = float32 on CPU; on a GPU bfloat16 (Wan) or float16 (AnimateDiff)."""
     text_encoder_dtype: Optional[Dtype] = None

@@ -209,12 +209,14 @@ def _check_family(recipe: Recipe, spec) -> list[Problem]:
 
         try:
             OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec.options), dict(model.options)))
-        except ValueError as err:  # the options' own range checks
-            problems.append(Problem("model.options", str(err).removeprefix("model.options.")))
-        except OmegaConfBaseException as err:
+        except OmegaConfBaseException as err:  # first: a wrong type is a ValidationError, itself a ValueError
             key = getattr(err, "full_key", "") or ""
             reason = str(err).splitlines()[0]
             problems.append(Problem(f"model.options.{key}".rstrip("."), reason))
+        except ValueError as err:  # the options' own range checks: "model.options.<key> <what to do>"
+            key, _, reason = str(err).partition(" ")
+            problems.append(Problem(key, reason) if key.startswith("model.options.") and reason else
+                            Problem("model.options", str(err)))
     if recipe.image is not None:
         problems += _check_image(recipe.image, spec)
     if spec.check is not None and not problems:

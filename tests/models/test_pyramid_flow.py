@@ -426,6 +426,46 @@ def test_resume_at_a_unit_boundary_is_bit_identical(tiny_flux):
     assert torch.equal(resumed, full) and len(calls) == 2 * 3  # units 2 and 3 only
 
 
+def test_a_history_window_caps_the_history_and_renumbers_it(tiny_flux):
+    """history_window=2: units 0–2 see the whole history (it is short enough) and equal the official run; unit 3
+    sees only units 1–2, exactly as a run whose first two units were those (so τ restarts at 0)."""
+    from longvid.models.pyramid_flow.loop import UnitSettings
+
+    settings = dict(image_steps=(2, 1, 1), video_steps=(1, 1, 1), guidance=4.0, video_guidance=2.0)
+    full, _ = _run(tiny_flux)
+    seen = []
+    windowed, calls = _run(tiny_flux, settings=UnitSettings(**settings, history_window=2),
+                           on_unit=lambda done, capture: seen.append(capture()))
+    assert torch.equal(windowed[:, :, :3], full[:, :, :3])
+    assert (windowed[:, :, 3] - full[:, :, 3]).abs().max() > 1e-3  # unit 3 lost unit 0
+    # unit 3, stage 2: [1 @1/2, 2 @full] + current (the full history would be [0 @1/4, 1 @1/2, 2 @full])
+    assert [c[0] for c in calls[-3:]] == [2, 3, 3]
+    # the same unit from a state whose history is units 1–2 renumbered as 0–1: bit-identical
+    from longvid.models.pyramid_flow.loop import UnitState
+
+    state = seen[2]  # after units 0–2
+    noise = torch.cat([state.noise[:, :, 1:], state.noise[:, :, :1]], 2)  # unit 3's noise at index 2 (4 units)
+    shifted = UnitState(2, state.latents[:, :, 1:3], noise, state.generator_state)
+    again, _ = _run(tiny_flux, settings=UnitSettings(**settings), resume=shifted)
+    assert torch.equal(again[:, :, 2], windowed[:, :, 3])
+
+
+@pytest.mark.parametrize("override, key, fragment", [
+    (["video.num_frames=129"], "video.num_frames", "history_window"),
+    (["video.num_frames=129", "model.options.history_window=16"], "model.options.history_window", "at most 15"),
+    (["model.options.history_window=0"], "model.options.history_window", ">= 1"),
+])
+def test_lengths_beyond_the_trained_ones_need_a_history_window(override, key, fragment):
+    from longvid.errors import RecipeError
+    from longvid.recipe.resolve import resolve
+
+    with pytest.raises(RecipeError) as err:
+        resolve(_pyramid_recipe(), override)
+    assert any(p.key == key and fragment in p.message for p in err.value.problems), str(err.value)
+    recipe = resolve(_pyramid_recipe(), ["video.num_frames=257", "model.options.history_window=15"])
+    assert recipe.video.num_frames == 257  # 33 units at 384p: allowed with the extension
+
+
 # --------------------------------------------------------------------------------------------- loading
 
 
@@ -557,6 +597,30 @@ def test_prompt_keyframes_switch_at_their_unit():
     assert (two[:, :, 2:] - one[:, :, 2:]).abs().max() > 1e-4
 
 
+def test_the_quality_suffix_follows_the_option_per_run(monkeypatch):
+    """model.options.prompt_suffix: the official ", hyper quality, Ultra HD, 8K" on the prompt (not the negative) by
+    default, none with false, decided per run on one loaded model."""
+    from longvid import runner
+    from longvid.models.pyramid_flow import text
+    from longvid.recipe.resolve import resolve
+
+    seen = []
+    real = text.encode
+    monkeypatch.setattr(text, "encode", lambda components, prompts, device: seen.append(list(prompts)) or
+                        real(components, prompts, device))
+    adapter = runner.load_adapter(resolve(_pyramid_recipe()))
+    try:
+        for suffix in (True, False, True):
+            recipe = resolve(_pyramid_recipe(), [f"model.options.prompt_suffix={str(suffix).lower()}",
+                                                 "video.num_frames=1"])
+            runner.generate(recipe, adapter=adapter, write=False)
+    finally:
+        adapter.close()
+    official = "a red fox, hyper quality, Ultra HD, 8K"
+    assert [p[0] for p in seen] == [official, "a red fox", official]
+    assert all(p[1] == seen[0][1] and "hyper quality" not in p[1] for p in seen)
+
+
 def test_a_checkpoint_at_a_unit_boundary_resumes_bit_identically(tmp_path):
     from longvid import runner
     from tests.engine.test_checkpoint import _interrupt_then_resume, _recipe
@@ -574,7 +638,7 @@ def test_a_checkpoint_at_a_unit_boundary_resumes_bit_identically(tmp_path):
     (["video.height=96"], "video.height"),  # not a multiple of 64
     (["model.dtype=float16"], "model.dtype"),
     (["model.variant=diffusion_transformer_512p"], "model.variant"),
-    (["model.options.video_steps=[1,2]"], "model.options"),
+    (["model.options.video_steps=[1,2]"], "model.options.video_steps"),
     (["model.options.bogus=1"], "model.options.bogus"),
     (["sampler.scheduler=DDIMScheduler"], "sampler.scheduler"),
     (["methods.freelong={}"], "methods.freelong"),

@@ -20,8 +20,10 @@ Built so far (each a small module with its tests; the family is not registered u
 
 - ``text.py``: T5 states (128, masked) and pooled CLIP (L, or L + G) of prompts;
 - ``load.py``: an official-layout folder loaded strictly (DiT kind from its keys, VAE sizes from its weights,
-  safetensors or ``weights_only`` pickles, transformers text encoders).
+  safetensors or ``weights_only`` pickles, transformers text encoders); single-file DiT/VAE (``transformer_file``,
+  ``vae_file``: bf16/fp8 safetensors cast at load, DiT sizes from the weights), checked torch-free by
+  ``single_file.py``.
 
 Still to build (issue 11): tiled VAE decode, the adapter that runs ``loop.py`` through the
-engine's loop seam, hub download, single-file DiT/VAE, recipes and docs/models/pyramid-flow.md.
+engine's loop seam, hub download, recipes and docs/models/pyramid-flow.md.
 """

@@ -20,7 +20,7 @@ from longvid.core.sampler import LoopState
 from longvid.errors import ModelLoadError
 from longvid.models.base import Conditioning, ModelAdapter
 from longvid.models.specs import PYRAMID_FLOW, PyramidFlowOptions
-from longvid.recipe.schema import ModelConfig, RuntimeConfig, SamplerConfig
+from longvid.recipe.schema import ModelConfig, Recipe, RuntimeConfig, SamplerConfig
 
 
 class PyramidPipeline:
@@ -57,6 +57,11 @@ class PyramidFlowAdapter(ModelAdapter):
     pipeline_class = ""
     denoiser_names = ("dit",)
     op_processor = None
+    vae_tile: int = PyramidFlowOptions.vae_tile
+    """The VAE tile (pixels, 0 = none) of the current run: ``model.options`` is read per run, not at load, so
+    :meth:`check_run` (called before every run, also one that only decodes a checkpoint) takes it from the recipe."""
+    prompt_suffix: bool = PyramidFlowOptions.prompt_suffix
+    """Whether the current run appends the official quality suffix to its prompts (set by :meth:`check_run`)."""
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -67,17 +72,25 @@ class PyramidFlowAdapter(ModelAdapter):
         from longvid.models.pyramid_flow.load import load_folder
 
         variant = model.variant or cls.spec.variants[0]
-        root = _checkpoint_folder(model, variant)
-        parts = load_folder(root, variant, dtypes["dit"], dtypes["text_encoder"], dtypes["vae"])
+        options = PyramidFlowOptions(**model.options)
+        files = {name: Path(value).expanduser() if value is not None else None
+                 for name, value in (("transformer_file", options.transformer_file), ("vae_file", options.vae_file))}
+        root = _checkpoint_folder(model, variant, dit=files["transformer_file"] is None, vae=files["vae_file"] is None)
+        parts = load_folder(root, variant, dtypes["dit"], dtypes["text_encoder"], dtypes["vae"], **files)
         text = {k: v for k, v in parts.items() if k.startswith(("text_encoder", "tokenizer"))}
         return PyramidPipeline(parts["kind"], parts["dit"], parts["vae"], **text)
+
+    def check_run(self, recipe: Recipe) -> None:
+        super().check_run(recipe)
+        options = PyramidFlowOptions(**recipe.model.options)
+        self.vae_tile, self.prompt_suffix = options.vae_tile, options.prompt_suffix
 
     # ---------------------------------------------------------------------------------- conditioning
 
     def encode(self, prompt: str, negative: str, sampler: SamplerConfig) -> Conditioning:
         from longvid.models.pyramid_flow.text import PROMPT_SUFFIX, encode
 
-        texts = [prompt + PROMPT_SUFFIX, negative]  # the official pipeline's suffix, on the prompt only
+        texts = [prompt + (PROMPT_SUFFIX if self.prompt_suffix else ""), negative]  # the official suffix: prompt only
         both = encode(self.pipe.text, texts, self.device)
         pos = type(both)(both.text[:1], both.mask[:1], both.pooled[:1])
         neg = type(both)(both.text[1:], both.mask[1:], both.pooled[1:])
@@ -111,7 +124,8 @@ class PyramidFlowAdapter(ModelAdapter):
         sampler = recipe.sampler
         settings = UnitSettings(image_steps=tuple(options.image_steps),
                                 video_steps=tuple(options.video_steps or [sampler.steps] * 3),
-                                guidance=float(sampler.guidance_scale), video_guidance=options.video_guidance_scale)
+                                guidance=float(sampler.guidance_scale), video_guidance=options.video_guidance_scale,
+                                history_window=options.history_window)
         forward = flux_forward if self.pipe.kind == "miniflux" else sd3_forward
         dit = functools.partial(forward, self.pipe.dit)
         condition = _unit_conditions(job.cond, settings.guidance > 0)
@@ -127,15 +141,19 @@ class PyramidFlowAdapter(ModelAdapter):
         with torch.no_grad():
             first = None
             if recipe.image is not None and resume is None:  # i2v: the image is unit 0 (drawn after the noise)
-                first = self.encode_image(recipe.image, recipe.video.height, recipe.video.width, job.generator)
+                first = self.encode_image(recipe.image, recipe.video.height, recipe.video.width, job.generator,
+                                          tile=options.vae_tile)
             return generate_units(dit, condition, tuple(job.latents.shape), job.generator, settings,
                                   dtype=self.pipe.dit.dtype, noise=job.latents, resume=resume, on_unit=on_unit,
                                   device=self.device, first=first).float()
 
     @torch.no_grad()
-    def encode_image(self, path: str, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    def encode_image(self, path: str, height: int, width: int, generator: torch.Generator,
+                     tile: int | None = None) -> torch.Tensor:
         """The normalised latent ``(1, 16, 1, h, w)`` of an image: scaled to cover ``height × width``, centre-cropped,
-        encoded with a posterior sample from ``generator`` (as the official i2v samples the posterior)."""
+        encoded with a posterior sample from ``generator`` (as the official i2v samples the posterior), in VAE tiles
+        of ``tile`` pixels (None: the run's ``model.options.vae_tile``) when the image is larger, as the official
+        i2v tile-encodes its 768p images."""
         import numpy as np
         from PIL import Image
 
@@ -151,7 +169,8 @@ class PyramidFlowAdapter(ModelAdapter):
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, None] / 127.5 - 1.0  # (1, 3, 1, H, W) in [-1, 1]
         vae = self.pipe.vae
         weight = next(vae.parameters())
-        z = vae.encode(x.to(weight.device, weight.dtype), generator=generator)
+        z = vae.encode(x.to(weight.device, weight.dtype), generator=generator,
+                       tile=self.vae_tile if tile is None else tile)
         return normalize(z.float(), LATENT_STATS[self.pipe.kind])
 
     # ---------------------------------------------------------------------------------- VAE streams
@@ -159,13 +178,14 @@ class PyramidFlowAdapter(ModelAdapter):
     @torch.no_grad()
     def decode_stream(self, latents: torch.Tensor, runtime: RuntimeConfig | None = None) -> Iterator[torch.Tensor]:
         """Frames in [-1, 1], ``(B, 3, f, H, W)``: the image frame and the first video latent (9 frames), then 8
-        frames per latent (the VAE's exact chunked decode, one latent at a time)."""
+        frames per latent (the VAE's exact chunked decode, one latent at a time), in spatial tiles of the run's
+        ``model.options.vae_tile`` when the frame is larger (each tile streamed with its own carry)."""
         from longvid.models.pyramid_flow.vae import LATENT_STATS, denormalize
 
         vae = self.pipe.vae
         weight = next(vae.parameters())
         z = denormalize(latents.float(), LATENT_STATS[self.pipe.kind]).to(weight.device, weight.dtype)
-        for chunk in vae.decode_chunks(z, window=1):
+        for chunk in vae.decode_chunks(z, window=1, tile=self.vae_tile):
             yield chunk.float()
 
     def encode_stream(self, chunks: Iterable[torch.Tensor], runtime: RuntimeConfig | None = None) -> torch.Tensor:
@@ -207,8 +227,9 @@ def _unit_conditions(cond: Conditioning, cfg: bool):
     return condition
 
 
-def _checkpoint_folder(model: ModelConfig, variant: str) -> Path:
-    """A local official-layout folder, or the hub snapshot of ``model.path`` (only the files this run needs)."""
+def _checkpoint_folder(model: ModelConfig, variant: str, dit: bool = True, vae: bool = True) -> Path:
+    """A local official-layout folder, or the hub snapshot of ``model.path`` (only the files this run needs: without
+    ``dit`` / ``vae``, when single files replace them, only the variant's / the VAE's config.json)."""
     local = Path(model.path).expanduser()
     if local.is_dir():
         return local
@@ -218,8 +239,9 @@ def _checkpoint_folder(model: ModelConfig, variant: str) -> Path:
 
     try:
         return Path(snapshot_download(model.path, revision=model.revision, local_files_only=model.local_files_only,
-                                      allow_patterns=[f"{variant}/*", "causal_video_vae/*", "text_encoder*/*",
-                                                      "tokenizer*/*"]))
+                                      allow_patterns=[f"{variant}/*" if dit else f"{variant}/config.json",
+                                                      "causal_video_vae/*" if vae else "causal_video_vae/config.json",
+                                                      "text_encoder*/*", "tokenizer*/*"]))
     except Exception as err:  # noqa: BLE001 - offline, missing repo, network: one line either way
         first = " ".join(str(err).split())[:200]
         raise ModelLoadError(f"model.path: cannot get '{model.path}' ({first}); download it with `hf download "

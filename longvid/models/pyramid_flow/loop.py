@@ -2,7 +2,8 @@
 
 Unit 0 is generated as an image (no history, ``image_steps`` per stage, ``guidance``); every later unit is one
 latent frame conditioned on all earlier ones through the temporal pyramid history (``video_steps``,
-``video_guidance``). In a unit, stage 0 starts from the unit's ¼-resolution noise, each jump upsamples and
+``video_guidance``), or on the last ``history_window`` of them (longvid's extension beyond the trained lengths:
+the history is cut to N units and renumbered, so τ stays within what the model was trained on). In a unit, stage 0 starts from the unit's ¼-resolution noise, each jump upsamples and
 re-noises (:func:`scheduler.stage_jump`) and each stage runs local Euler steps on the DiT's velocity with
 classifier-free guidance over the batch ``[uncond, cond]``. Image-to-video puts the encoded image in as unit 0.
 
@@ -43,6 +44,7 @@ class UnitSettings:
     video_steps: tuple[int, int, int] = (10, 10, 10)
     guidance: float = 7.0
     video_guidance: float = 5.0
+    history_window: int | None = None  # None: every earlier unit (official); N: only the last N, τ renumbered
 
 
 @dataclass
@@ -89,12 +91,16 @@ def generate_units(dit: DiT, condition: Callable[[int], TextCondition], shape: t
         steps = settings.image_steps if u == 0 else settings.video_steps
         scale = settings.guidance if u == 0 else settings.video_guidance
         cfg = settings.guidance > 0  # the official gate: guidance 0 turns CFG off for the video units too
-        levels = pyramid(torch.cat(generated, 2)) if generated else None
+        # the history: every earlier unit, or the last `history_window` of them renumbered from τ = 0 (the
+        # temporal positions then never pass the trained ones); `seen` is the current unit's place among them
+        window = generated if settings.history_window is None else generated[-settings.history_window:]
+        seen = len(window)
+        levels = pyramid(torch.cat(window, 2)) if window else None
         x = noise[:, :, u:u + 1]  # (B, C, 1, H/4, W/4)
         for stage in range(schedule.stages):
             if stage > 0:
                 x = stage_jump(x, *schedule.jump(stage), schedule.gamma, generator)
-            past = history(levels, u, stage) if levels is not None else []
+            past = history(levels, seen, stage) if levels is not None else []
             timesteps, ratios = schedule.timesteps(steps[stage], stage), schedule.ratios(steps[stage])
             for i, t in enumerate(timesteps):
                 clips = [torch.cat([p] * 2) for p in past] + [torch.cat([x] * 2)] if cfg else past + [x]

@@ -10,6 +10,12 @@ parameter names are the released checkpoint's (``causal_video_vae/``), so its st
   the first chunk (the causal "image" frame), so ``decode_chunks`` equals ``decode`` and memory holds one chunk.
 - The first latent frame (the image) and the video latents are normalised with different statistics
   (:data:`LATENT_STATS`); decoding a video latent with the image statistics burns colours.
+- Spatial tiling (notes §3.3; diffusers AutoencoderKL's ``tiled_decode`` / ``tiled_encode`` convention): square
+  tiles of ``tile`` pixels overlapping by :data:`TILE_OVERLAP`, blended linearly over the overlap and cropped to
+  their stride. The tiled decode still streams: every tile keeps its own :class:`ChunkState`, so each tile's
+  chunked decode equals that tile's plain decode, and the tiles of one chunk are blended as soon as they exist
+  (the blend is per frame). Tiling changes the pixels (the mid-block attention sees one tile, not the frame),
+  which is why the tile size is a setting that parity has to fix, not a free memory knob.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from torch import nn
 #: ``(image shift, image scale, video shift, video scale)`` per checkpoint family: ``z_norm = (z − shift)·scale``.
 LATENT_STATS = {"miniflux": (-0.04, 1 / 1.8726, -0.2343, 1 / 3.0986),
                 "sd3": (0.1490, 1 / 1.8415, -0.2343, 1 / 3.0986)}
+
+#: Overlap of neighbouring tiles, as a fraction of the tile (official since commit 0105b51; 1/8 left visible seams,
+#: issue #131): stride ``(1 − 1/4)·tile``, blended over ``tile/4`` px, each tile cropped to its stride.
+TILE_OVERLAP = 0.25
 
 
 class ChunkState:
@@ -201,15 +211,26 @@ class CausalVideoVAE(nn.Module):
         self.quant_conv = CausalConv3d(2 * latent, 2 * latent, kernel=1)
         self.post_quant_conv = CausalConv3d(latent, latent, kernel=1)
 
-    def moments(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior moments ``(B, 32, 1 + (T−1)/8, H/8, W/8)`` of pixels ``(B, 3, T, H, W)`` in [−1, 1]."""
+    def moments(self, x: torch.Tensor, tile: int = 0) -> torch.Tensor:
+        """Posterior moments ``(B, 32, 1 + (T−1)/8, H/8, W/8)`` of pixels ``(B, 3, T, H, W)`` in [−1, 1]; with
+        ``tile`` (pixels) and a frame larger than it, encoded in tiles and blended in latent space."""
         if (x.shape[2] - 1) % 8:
             raise ValueError(f"the causal VAE encodes 1 + 8k frames, got {x.shape[2]}")
-        return self.quant_conv(self.encoder(x))
+        if not _tiled(x.shape[-2:], tile):
+            return self.quant_conv(self.encoder(x))
+        stride = int(tile * (1 - TILE_OVERLAP))  # pixels between tile origins
+        ys, xs = range(0, x.shape[-2], stride), range(0, x.shape[-1], stride)
+        # every tile over all frames at once (the encode is one pass; an i2v image is a single frame):
+        # moments (B, 32, T', ≤tile/8, ≤tile/8) per tile, blended and cropped in latent pixels
+        rows = [[self.quant_conv(self.encoder(x[..., i:i + tile, j:j + tile])) for j in xs] for i in ys]
+        return blend_tiles(rows, int(tile // 8 * TILE_OVERLAP), tile // 8 - int(tile // 8 * TILE_OVERLAP))
 
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
-        """Latents of pixels: the posterior sample (from ``generator``; the official i2v samples) or its mode."""
-        mean, logvar = self.moments(x).chunk(2, dim=1)
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True,
+               tile: int = 0) -> torch.Tensor:
+        """Latents of pixels: the posterior sample (from ``generator``; the official i2v samples) or its mode.
+        Tiled (``tile`` pixels), the blended moments are sampled once, so the generator draws exactly what an
+        untiled encode draws: one normal per latent element."""
+        mean, logvar = self.moments(x, tile).chunk(2, dim=1)
         if not sample:
             return mean
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -220,15 +241,85 @@ class CausalVideoVAE(nn.Module):
         """Pixels ``(B, 3, 1 + 8(T−1), H·8, W·8)`` of latents ``(B, 16, T, H, W)`` (the first one the image frame)."""
         return self.decoder(self.post_quant_conv(z), first=True).clamp(-1.0, 1.0)
 
-    def decode_chunks(self, z: torch.Tensor, window: int = 1) -> Iterator[torch.Tensor]:
+    def decode_chunks(self, z: torch.Tensor, window: int = 1, tile: int = 0) -> Iterator[torch.Tensor]:
         """:meth:`decode` in chunks, exactly: latents ``[0, window + 1)`` first, then ``window`` at a time; yields
-        each chunk's frames (``1 + 8·window``, then ``8·window``)."""
+        each chunk's frames (``1 + 8·window``, then ``8·window``). With ``tile`` (pixels) and a frame larger than
+        it, every chunk is decoded in spatial tiles and blended (see the module notes); otherwise untiled."""
+        if _tiled((8 * z.shape[-2], 8 * z.shape[-1]), tile):
+            yield from self._decode_tiled_chunks(z, window, tile)
+            return
         state = ChunkState()
-        start, stop = 0, min(window + 1, z.shape[2])
-        while start < z.shape[2]:
+        for start, stop in _chunks(z.shape[2], window):
             part = self.post_quant_conv(z[:, :, start:stop], state)
             yield self.decoder(part, state, first=(start == 0)).clamp(-1.0, 1.0)
-            start, stop = stop, min(stop + window, z.shape[2])
+
+    def _decode_tiled_chunks(self, z: torch.Tensor, window: int, tile: int) -> Iterator[torch.Tensor]:
+        size = tile // 8  # latent pixels per tile
+        stride = int(size * (1 - TILE_OVERLAP))  # latent pixels between tile origins
+        blend = int(tile * TILE_OVERLAP)  # output pixels faded from one tile into the next
+        ys, xs = range(0, z.shape[-2], stride), range(0, z.shape[-1], stride)
+        # one carry per tile: a tile's chunks then equal that tile decoded alone over all frames
+        states = {(i, j): ChunkState() for i in ys for j in xs}
+        for start, stop in _chunks(z.shape[2], window):
+            rows = []
+            for i in ys:
+                row = []
+                for j in xs:
+                    state = states[i, j]
+                    part = self.post_quant_conv(z[:, :, start:stop, i:i + size, j:j + size], state)
+                    # (B, 3, f, ≤tile, ≤tile), not clamped: the official decode blends first and clamps the result
+                    row.append(self.decoder(part, state, first=(start == 0)))
+                rows.append(row)
+            yield blend_tiles(rows, blend, tile - blend).clamp(-1.0, 1.0)  # (B, 3, f, 8·H, 8·W)
+
+
+def _chunks(frames: int, window: int) -> Iterator[tuple[int, int]]:
+    """``[start, stop)`` latent ranges of a chunked decode: ``window + 1`` first (the image frame and the first
+    video latents), then ``window`` at a time."""
+    start, stop = 0, min(window + 1, frames)
+    while start < frames:
+        yield start, stop
+        start, stop = stop, min(stop + window, frames)
+
+
+def check_tile(tile: int) -> None:
+    """A tile (pixels) whose stride and blend are whole latent pixels at :data:`TILE_OVERLAP`: a multiple of 32."""
+    if tile < 32 or tile % 32:
+        raise ValueError(f"a VAE tile is a multiple of 32 pixels, got {tile}")
+
+
+def _tiled(size: tuple[int, int], tile: int) -> bool:
+    """Whether a frame of ``(H, W)`` pixels is tiled: only when ``tile`` (0 = never) is smaller in a direction,
+    as in the official VAE (a frame that fits decodes whole, exactly the untiled pass)."""
+    if tile:
+        check_tile(tile)
+    return tile > 0 and (size[0] > tile or size[1] > tile)
+
+
+def blend_tiles(rows: list[list[torch.Tensor]], blend: int, keep: int) -> torch.Tensor:
+    """Stitch a raster grid of overlapping tiles ``(..., h, w)`` into one ``(..., H, W)``, as diffusers'
+    AutoencoderKL does: in raster order every tile fades in, over its first ``blend`` rows, from the last rows of
+    the tile above, then over its first ``blend`` columns from the last columns of the tile on its left (both
+    neighbours already blended: the tiles are rewritten in place), and keeps its top-left ``keep × keep``."""
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            if i > 0:
+                _fade(rows[i - 1][j], tile, blend, dim=-2)
+            if j > 0:
+                _fade(row[j - 1], tile, blend, dim=-1)
+    return torch.cat([torch.cat([t[..., :keep, :keep] for t in row], dim=-1) for row in rows], dim=-2)
+
+
+def _fade(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
+    """In place: ``b[k] = a[−n + k]·(1 − k/n) + b[k]·k/n`` for ``k < n`` along ``dim`` (a linear ramp from ``a``'s
+    overlap into ``b``), ``n = extent`` or less when a tile at the border is smaller."""
+    n = min(a.shape[dim], b.shape[dim], extent)
+    ramp = torch.arange(n, dtype=torch.float64) / n  # k/n; both weights rounded once from float64, as diffusers'
+    shape = [n] + [1] * (-dim - 1)  # broadcast along dim (-2: rows, -1: columns)
+    dtype = torch.promote_types(b.dtype, torch.float32)  # bf16 tiles blend in float32
+    w_a, w_b = ((w.to(b.device, dtype)).reshape(shape) for w in (1 - ramp, ramp))
+    head = b.narrow(dim, 0, n)
+    head.copy_(a.narrow(dim, a.shape[dim] - n, n) * w_a + head * w_b)
 
 
 def normalize(z: torch.Tensor, stats: tuple[float, float, float, float]) -> torch.Tensor:
