@@ -205,7 +205,7 @@ def _flux_inputs():
 def test_flux_forward_equals_diffusers_forward_on_the_same_tokens(tiny_flux):
     clips, text, text_mask, pooled = _flux_inputs()
     t = torch.tensor([700.0, 700.0])
-    ours = flux_forward(tiny_flux, clips, text, text_mask, pooled, t)
+    ours = flux_forward(tiny_flux, clips, text, text_mask, pooled, t, dense_mask=True)  # the official kernel
     tokens = torch.cat([pack(c) for c in clips], 1)
     out = tiny_flux(hidden_states=tokens, encoder_hidden_states=text, pooled_projections=pooled, timestep=t / 1000,
                     img_ids=image_ids(clips), txt_ids=torch.zeros(5, 3),
@@ -225,6 +225,48 @@ def test_flux_forward_padded_text_is_inert_and_history_matters(tiny_flux):
     older = [c.clone() for c in clips]
     older[0] += 1.0  # the oldest (1/4 resolution) history frames
     assert (flux_forward(tiny_flux, older, text, text_mask, pooled, t) - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("shapes, padded", [
+    ([(1, 4), (1, 8), (1, 16), (1, 16)], True),  # unit 3, stage 2: [0 @1/4, 1 @1/2, 2 @full] + current
+    ([(3, 4), (1, 4)], False),  # stage 0 of unit 3: three history frames in one clip, no padded text
+    ([(1, 8)], True),  # the first unit: no history (one frame: text + frame 0 only)
+])
+def test_block_causal_attention_is_the_dense_masked_attention(shapes, padded):
+    """Only the blocks the mask keeps are attended, and the result is the dense boolean-mask SDPA's (the official
+    kernel) for every query, padded text rows included; the layout's dense mask is sequence.attention_mask."""
+    from longvid.models.pyramid_flow.attention import block_causal, block_causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    clips = [torch.zeros(2, 16, t, s, s) for t, s in shapes]
+    text_mask = torch.ones(2, 6, dtype=torch.long)
+    if padded:
+        text_mask[0, 4:] = 0
+    layout = block_causal(text_mask, clips)
+    dense = attention_mask(text_mask, clips)
+    assert torch.equal(layout.dense(), dense)
+    length = dense.shape[-1]
+    q, k, v = (torch.randn(2, 3, length, 8, generator=g) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    got = block_causal_attention(q, k, v, layout)
+    assert (got - expected).abs().max() <= 1e-6
+    if len(layout.ends) > 1:  # a query of the last frame sees keys the first frame's queries do not
+        assert (got - F.scaled_dot_product_attention(q, k, v)).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_flux_and_sd3_block_kernels_equal_their_dense_reference(tiny_flux, tiny_sd3):
+    from longvid.models.pyramid_flow.dit_sd3 import sd3_forward
+
+    clips, text, text_mask, pooled = _flux_inputs()
+    t = torch.tensor([700.0, 700.0])
+    dense = flux_forward(tiny_flux, clips, text, text_mask, pooled, t, dense_mask=True)
+    blocks = flux_forward(tiny_flux, clips, text, text_mask, pooled, t)
+    assert (blocks - dense).abs().max() <= 1e-5 * dense.abs().max() and dense.abs().max() > 0.1
+    pooled_sd3 = torch.randn(2, 24, generator=torch.Generator().manual_seed(1))
+    dense = sd3_forward(tiny_sd3, clips, text, text_mask, pooled_sd3, t, dense_mask=True)
+    blocks = sd3_forward(tiny_sd3, clips, text, text_mask, pooled_sd3, t)
+    assert (blocks - dense).abs().max() <= 1e-5 * dense.abs().max() and dense.abs().max() > 0.1
 
 
 # --------------------------------------------------------------------------------------------- SD3 DiT

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longvid.models.pyramid_flow.attention import BlockCausal, block_causal, block_causal_attention
 from longvid.models.pyramid_flow.sequence import frame_index, stage_mask, unpack
 
 #: ``SD3Transformer2DModel`` config of the released SD3 Pyramid Flow checkpoints.
@@ -76,7 +77,10 @@ class PyramidJointProcessor:
         q, k, v = torch.cat([tq, q], 2), torch.cat([tk, k], 2), torch.cat([tv, v], 2)  # [text; vision]
         if rotary is not None:
             q, k = apply_rotary_emb(q, rotary), apply_rotary_emb(k, rotary)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, heads, L + N, d)
+        if isinstance(attention_mask, BlockCausal):  # only the blocks the mask keeps
+            out = block_causal_attention(q, k, v, attention_mask)  # (B, heads, L + N, d)
+        else:  # the dense boolean mask: the official kernel, kept as the reference
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
         text, vision = out[:, :length], out[:, length:]
         vision = attn.to_out[1](attn.to_out[0](vision))
@@ -106,10 +110,11 @@ def _embed(model, clips: list[torch.Tensor]) -> torch.Tensor:
 
 
 def sd3_forward(model, clips: list[torch.Tensor], text: torch.Tensor, text_mask: torch.Tensor, pooled: torch.Tensor,
-                timestep: torch.Tensor) -> torch.Tensor:
+                timestep: torch.Tensor, dense_mask: bool = False) -> torch.Tensor:
     """Velocity of the current clip ``clips[-1]`` (B, 16, t, h, w) given the history ``clips[:-1]``, T5 states
     ``text`` (B, L, 4096) with ``text_mask``, the CLIP-L + CLIP-G pooled vector (B, 2048) and the global
-    ``timestep`` (B,) on the 0–1000 scale."""
+    ``timestep`` (B,) on the 0–1000 scale. ``dense_mask``: the official dense-mask SDPA (the reference) instead of
+    :func:`attention.block_causal_attention`."""
     from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
     dtype = model.pos_embed.proj.weight.dtype
@@ -120,7 +125,8 @@ def sd3_forward(model, clips: list[torch.Tensor], text: torch.Tensor, text_mask:
     head_dim = model.config.attention_head_dim
     cos, sin = get_1d_rotary_pos_embed(head_dim, tau.double(), theta=10000.0, use_real=True,
                                        repeat_interleave_real=True)
-    kwargs = {"attention_mask": stage_mask(text_mask, clips, hidden.device),
+    mask = stage_mask(text_mask, clips, hidden.device) if dense_mask else block_causal(text_mask, clips)
+    kwargs = {"attention_mask": mask,
               "rotary": (cos.to(hidden.device, hidden.dtype), sin.to(hidden.device, hidden.dtype))}
     for block in model.transformer_blocks:
         context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
