@@ -183,6 +183,9 @@ def _check_pyramid_flow(recipe) -> list[tuple[str, str]]:
         problems.append(("sampler.scheduler", "Pyramid Flow has its own pyramid flow-matching schedule; remove it"))
     if recipe.runtime.layerwise_casting != "none":
         problems.append(("runtime.layerwise_casting", "not available for Pyramid Flow yet; use none"))
+    if recipe.runtime.offload == "group":  # its loop calls the DiT's layers directly: the model-level hook never runs
+        problems.append(("runtime.offload", "group offloading is not available for Pyramid Flow; use model (per "
+                                            "phase) or sequential (per layer)"))
     variant = recipe.model.variant or PYRAMID_FLOW.variants[0]
     units = PYRAMID_FLOW.latent_frames(recipe.video.num_frames or 1)
     limit = PYRAMID_TRAINED_UNITS.get(variant)

@@ -683,6 +683,7 @@ def test_a_checkpoint_at_a_unit_boundary_resumes_bit_identically(tmp_path):
     (["model.options.video_steps=[1,2]"], "model.options.video_steps"),
     (["model.options.bogus=1"], "model.options.bogus"),
     (["sampler.scheduler=DDIMScheduler"], "sampler.scheduler"),
+    (["runtime.offload=group"], "runtime.offload"),
     (["methods.freelong={}"], "methods.freelong"),
     (["stages.base.height=64", "stages.refine.strength=0.5"], "stages"),
 ])

@@ -24,10 +24,19 @@ from longvid.recipe.schema import ModelConfig, Recipe, RuntimeConfig, SamplerCon
 
 
 class PyramidPipeline:
-    """The loaded components in a pipeline-shaped container (``components``, ``to``) for the adapter base."""
+    """The loaded components in a pipeline-shaped container (``components``, ``to``, offload) for the adapter base.
+
+    The loop calls the DiT's and the VAE's submodules itself (never their ``forward``), so diffusers' model offload
+    hooks would never fire: ``runtime.offload: model`` is done here by phases instead (:meth:`phase`), and
+    ``sequential`` by accelerate's per-module hooks, which do fire on every submodule call.
+    """
+
+    #: the components each phase runs
+    PHASES = {"text": ("text_encoder", "text_encoder_2", "text_encoder_3"), "dit": ("dit",), "vae": ("vae",)}
 
     def __init__(self, kind: str, dit: torch.nn.Module, vae: torch.nn.Module, **text: Any):
         self.kind, self.dit, self.vae, self.text = kind, dit, vae, text
+        self.offload_device: torch.device | None = None  # set by enable_model_cpu_offload
 
     @property
     def components(self) -> dict[str, Any]:
@@ -39,10 +48,35 @@ class PyramidPipeline:
                 module.to(device)
         return self
 
-    def enable_model_cpu_offload(self, device=None):
-        raise ModelLoadError("runtime.offload: not available for Pyramid Flow yet; use runtime.offload=none")
+    def enable_model_cpu_offload(self, device=None) -> None:
+        """Offload per phase: every component waits in CPU memory and only the running phase's sit on ``device``
+        (the text encoders while prompts encode, the DiT while units generate, the VAE while it encodes or
+        decodes), so the device holds the largest component, not all of them."""
+        self.to("cpu")
+        self.offload_device = torch.device(device or "cuda")
 
-    enable_sequential_cpu_offload = enable_model_cpu_offload
+    def enable_sequential_cpu_offload(self, device=None) -> None:
+        """Offload per layer (accelerate's ``cpu_offload`` on every component): the weights stay in CPU memory and
+        each submodule's are brought to ``device`` for its own call — the least device memory, the slowest."""
+        from accelerate import cpu_offload
+
+        for module in self.components.values():
+            if isinstance(module, torch.nn.Module):
+                cpu_offload(module, execution_device=torch.device(device or "cuda"))
+
+    def phase(self, name: str) -> None:
+        """With per-phase offload, bring phase ``name``'s components to the device and every other one back to CPU
+        memory (those first, so the two never sit on the device together); otherwise nothing."""
+        if self.offload_device is None:
+            return
+        running = self.PHASES[name]
+        modules = [(k, m) for k, m in self.components.items() if isinstance(m, torch.nn.Module)]
+        for key, module in modules:
+            if key not in running:
+                module.to("cpu")
+        for key, module in modules:
+            if key in running:
+                module.to(self.offload_device)
 
 
 class _UnitSchedule:
@@ -91,6 +125,7 @@ class PyramidFlowAdapter(ModelAdapter):
         from longvid.models.pyramid_flow.text import PROMPT_SUFFIX, encode
 
         texts = [prompt + (PROMPT_SUFFIX if self.prompt_suffix else ""), negative]  # the official suffix: prompt only
+        self.pipe.phase("text")
         both = encode(self.pipe.text, texts, self.device)
         pos = type(both)(both.text[:1], both.mask[:1], both.pooled[:1])
         neg = type(both)(both.text[1:], both.mask[1:], both.pooled[1:])
@@ -143,6 +178,7 @@ class PyramidFlowAdapter(ModelAdapter):
             if recipe.image is not None and resume is None:  # i2v: the image is unit 0 (drawn after the noise)
                 first = self.encode_image(recipe.image, recipe.video.height, recipe.video.width, job.generator,
                                           tile=options.vae_tile)
+            self.pipe.phase("dit")
             return generate_units(dit, condition, tuple(job.latents.shape), job.generator, settings,
                                   dtype=self.pipe.dit.dtype, noise=job.latents, resume=resume, on_unit=on_unit,
                                   device=self.device, first=first).float()
@@ -167,9 +203,10 @@ class PyramidFlowAdapter(ModelAdapter):
             left, top = (size[0] - width) // 2, (size[1] - height) // 2
             pixels = np.asarray(im.crop((left, top, left + width, top + height)), dtype=np.float32)
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, None] / 127.5 - 1.0  # (1, 3, 1, H, W) in [-1, 1]
+        self.pipe.phase("vae")
         vae = self.pipe.vae
-        weight = next(vae.parameters())
-        z = vae.encode(x.to(weight.device, weight.dtype), generator=generator,
+        weight = next(vae.parameters())  # its dtype (the device may be meta under sequential offload)
+        z = vae.encode(x.to(self.device, weight.dtype), generator=generator,
                        tile=self.vae_tile if tile is None else tile)
         return normalize(z.float(), LATENT_STATS[self.pipe.kind])
 
@@ -182,9 +219,10 @@ class PyramidFlowAdapter(ModelAdapter):
         ``model.options.vae_tile`` when the frame is larger (each tile streamed with its own carry)."""
         from longvid.models.pyramid_flow.vae import LATENT_STATS, denormalize
 
+        self.pipe.phase("vae")
         vae = self.pipe.vae
-        weight = next(vae.parameters())
-        z = denormalize(latents.float(), LATENT_STATS[self.pipe.kind]).to(weight.device, weight.dtype)
+        weight = next(vae.parameters())  # its dtype (the device may be meta under sequential offload)
+        z = denormalize(latents.float(), LATENT_STATS[self.pipe.kind]).to(self.device, weight.dtype)
         for chunk in vae.decode_chunks(z, window=1, tile=self.vae_tile):
             yield chunk.float()
 
