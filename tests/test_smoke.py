@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu" / "smoke.py"
 CASES = ["vanilla-81", "freenoise-161", "freelong-161", "upscale-720p", "freeloc-161", "ultravico-161",
-         "freeswim-1080p", "fp8-81", "group-offload-81", "pyramid-flow-384p"]
+         "freeswim-1080p", "fp8-81", "group-offload-81", "pyramid-flow-384p", "pyramid-offload-384p"]
 STEPS = 3
 REFINE_STEPS = int(STEPS * 0.7)  # strength 0.7: the last int(N * 0.7) steps of the refine schedule run
 
@@ -36,12 +36,12 @@ def test_tiny_smoke_runs_every_case(tmp_path):
     shapes = {"vanilla-81": [1, 16, 3, 4, 6], "freenoise-161": [1, 16, 5, 4, 6], "freelong-161": [1, 16, 5, 4, 6],
               "upscale-720p": [1, 16, 3, 8, 12], "freeloc-161": [1, 16, 5, 4, 6], "ultravico-161": [1, 16, 5, 4, 6],
               "freeswim-1080p": [1, 16, 3, 8, 12], "fp8-81": [1, 16, 3, 4, 6], "group-offload-81": [1, 16, 3, 4, 6],
-              "pyramid-flow-384p": [1, 16, 2, 8, 8]}
+              "pyramid-flow-384p": [1, 16, 2, 8, 8], "pyramid-offload-384p": [1, 16, 2, 8, 8]}
     stage_steps = {"vanilla-81": {"main": STEPS}, "freenoise-161": {"main": STEPS}, "freelong-161": {"main": STEPS},
                    "upscale-720p": {"base": STEPS, "refine": REFINE_STEPS}, "freeloc-161": {"main": STEPS},
                    "ultravico-161": {"main": STEPS}, "freeswim-1080p": {"base": STEPS, "refine": REFINE_STEPS},
                    "fp8-81": {"main": STEPS}, "group-offload-81": {"main": STEPS},
-                   "pyramid-flow-384p": {"main": 2}}  # Pyramid Flow's steps are latent units
+                   "pyramid-flow-384p": {"main": 2}, "pyramid-offload-384p": {"main": 2}}  # steps = latent units
     for case in report["cases"]:
         name = case["case"]
         assert "error" not in case, case
@@ -64,7 +64,8 @@ def test_tiny_smoke_runs_every_case(tmp_path):
     methods = {c["case"]: c["sidecar_stages"][-1]["methods"] for c in report["cases"]}  # the last stage's
     assert methods == {"vanilla-81": [], "freenoise-161": ["freenoise"], "freelong-161": ["freelong", "freenoise"],
                        "upscale-720p": [], "freeloc-161": ["freeloc"], "ultravico-161": ["ultravico"],
-                       "freeswim-1080p": ["freeswim"], "fp8-81": [], "group-offload-81": [], "pyramid-flow-384p": []}
+                       "freeswim-1080p": ["freeswim"], "fp8-81": [], "group-offload-81": [], "pyramid-flow-384p": [],
+                       "pyramid-offload-384p": []}
     base, refine = report["cases"][3]["sidecar_stages"]
     assert (base["height"], base["width"], base["start_step"]) == (32, 48, 0)
     assert (refine["height"], refine["width"], refine["upsample"]) == (64, 96, "pixel")
@@ -75,6 +76,7 @@ def test_tiny_smoke_runs_every_case(tmp_path):
     vanilla = by_name["vanilla-81"]["latents_std"]
     assert abs(by_name["fp8-81"]["latents_std"] - vanilla) < 0.05 * vanilla
     assert by_name["group-offload-81"]["latents_std"] == vanilla
+    assert by_name["pyramid-offload-384p"]["latents_std"] == by_name["pyramid-flow-384p"]["latents_std"]
     table = proc.stdout[proc.stdout.index("case "):]
     assert all(name in table for name in CASES) and "all cases ok" in proc.stdout
 

@@ -26,6 +26,8 @@ memory-knob cases get a freshly built model each), each run through
 10. ``pyramid-flow-384p`` Pyramid Flow miniFLUX at its released size (1.97 B parameters, random, bf16; the causal
                       VAE at its released size; 1-layer CLIP-L/T5 stand-ins), 9 frames (2 latent units) at 384x640:
                       the image unit, then one autoregressive unit with its pyramid history; a "step" is a unit.
+11. ``pyramid-offload-384p`` ``pyramid-flow-384p`` with ``runtime.offload: model`` (per phase: text encoders,
+                      then the DiT, then the VAE on the GPU, the rest in CPU memory): its peak memory against case 10.
 
 Reading the numbers (one table row per stage; the JSON has every step and the sidecar's stage timings): each
 stage's schedule has ``--steps N`` steps, of which the refine stage runs the last int(0.7 N). ``first s`` is a
@@ -61,8 +63,8 @@ import torch  # noqa: E402
 REAL = {"frames": 81, "long": 161, "base": (480, 832), "refine": (720, 1280), "window": 81, "swim": (1088, 1920)}
 TINY = {"frames": 9, "long": 17, "base": (32, 48), "refine": (64, 96), "window": 9, "swim": (64, 96)}
 CASES = ("vanilla-81", "freenoise-161", "freelong-161", "upscale-720p", "freeloc-161", "ultravico-161",
-         "freeswim-1080p", "fp8-81", "group-offload-81", "pyramid-flow-384p")
-PYRAMID_CASES = ("pyramid-flow-384p",)  # another model family: its own adapter, built after the Wan cases
+         "freeswim-1080p", "fp8-81", "group-offload-81", "pyramid-flow-384p", "pyramid-offload-384p")
+PYRAMID_CASES = ("pyramid-flow-384p", "pyramid-offload-384p")  # another family: its own adapter, after the Wan cases
 PROMPT = "a red fox running through fresh snow at dawn, cinematic"
 
 
@@ -150,10 +152,11 @@ def build_pyramid(tiny: bool, device: torch.device):
                            tokenizer_2=t5_tok)
 
 
-def pyramid_recipe(tiny: bool, steps: int, device: torch.device) -> dict:
+def pyramid_recipe(tiny: bool, steps: int, device: torch.device, name: str = "pyramid-flow-384p") -> dict:
     h, w = (64, 64) if tiny else (384, 640)
     dtype = "float32" if tiny else "bfloat16"
-    return {"name": "smoke-pyramid-flow-384p", "prompt": PROMPT, "seed": 0, "runtime": {"device": device.type},
+    runtime = {"device": device.type, **({"offload": "model"} if name == "pyramid-offload-384p" else {})}
+    return {"name": f"smoke-{name}", "prompt": PROMPT, "seed": 0, "runtime": runtime,
             "model": {"family": "pyramid_flow", "path": "tiny:pyramid-flow" if tiny else
                       "smoke:pyramid-flow-miniflux-random", "dtype": dtype, "text_encoder_dtype": dtype,
                       "vae_dtype": dtype, "options": {"image_steps": [steps] * 3}},
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     recipes = {name: resolve({"name": f"smoke-{name}", **shared, **case,
                               "runtime": {**shared["runtime"], **case.get("runtime", {})}})
                for name, case in case_recipes(size).items() if name in names}  # all validated before any model
-    recipes.update({name: resolve(pyramid_recipe(args.tiny, args.steps, device)) for name in PYRAMID_CASES
+    recipes.update({name: resolve(pyramid_recipe(args.tiny, args.steps, device, name)) for name in PYRAMID_CASES
                     if name in names})
 
     report = {"mode": "tiny" if args.tiny else "real", "steps": args.steps, "device": str(device), "environment": env,
