@@ -100,9 +100,9 @@ class WindowFusedAttnProcessor:
             if pos is None:  # strided views, one 4-D (n, V, L, D) call per head, read in place by the kernel
                 for h in range(heads):
                     attended = F.scaled_dot_product_attention(*(t[:, h] for t in views))  # (n, V, L, D)
-                    self._fold(dest[:, h], attended.mul_(weights), stride)
+                    self._fold(dest[:, h], attended, weights, stride)
             else:
-                self._fold(dest, self._attend_with_pos(attn, *views, pos).mul_(weights), stride)
+                self._fold(dest, self._attend_with_pos(attn, *views, pos), weights, stride)
             if tail is not None:
                 start, end = tail
                 views = [t[rows, :, start:end].unsqueeze(2) for t in (q, k, v)]  # (n, h, 1, L, D)
@@ -133,28 +133,30 @@ class WindowFusedAttnProcessor:
         return F.scaled_dot_product_attention(*flat).view(n, heads, views, length, dim)
 
     @staticmethod
-    def _fold(dest: torch.Tensor, attended: torch.Tensor, stride: int) -> None:
-        """``dest[…, s_v + i, :] = Σ_v attended[…, v, i, :]`` over the regular views ``s_v = v·stride``; frames
-        no regular view covers are zeroed (a tail view adds to them afterwards).
+    def _fold(dest: torch.Tensor, attended: torch.Tensor, weights: torch.Tensor, stride: int) -> None:
+        """``dest[…, s_v + i, :] = Σ_v weights[v, i] · attended[…, v, i, :]`` over the regular views ``s_v = v·stride``;
+        frames no regular view covers are zeroed (a tail view adds to them afterwards).
 
-        ``dest`` ``(…, F, D)``, ``attended`` ``(…, V, L, D)`` already weighted. When the window is a multiple
-        of the stride, view ``v`` covers stride blocks ``v … v + L/stride - 1``, so the fold is ``L/stride``
-        shifted block copies/additions instead of one addition per view, and the first one initialises."""
+        ``dest`` ``(…, F, D)``, ``attended`` ``(…, V, L, D)``, ``weights`` ``(V, L, 1)``. The weighting is fused
+        into the fold (in-place on ``dest``, so autograd still follows it), and the views' outputs are read once. When the window is a
+        multiple of the stride, view ``v`` covers stride blocks ``v … v + L/stride - 1``, so the fold is
+        ``L/stride`` shifted block writes/additions instead of one per view, and the first one initialises."""
         *_, views, length, _ = attended.shape
         end = (views - 1) * stride + length  # frames the regular views cover
         dest[..., end:, :].zero_()
         if length % stride:
             dest[..., :end, :].zero_()
             for i in range(views):
-                dest[..., i * stride:i * stride + length, :] += attended[..., i, :, :]
+                dest[..., i * stride:i * stride + length, :].addcmul_(attended[..., i, :, :], weights[i])
             return
         parts = length // stride
         blocks = dest[..., :end, :].unflatten(-2, (end // stride, stride))  # (…, B, S, D)
         shifted = attended.unflatten(-2, (parts, stride))  # (…, V, L/S, S, D)
-        blocks[..., :views, :, :].copy_(shifted[..., 0, :, :])  # part 0 of view v is block v
+        w = weights.unflatten(-2, (parts, stride))  # (V, L/S, S, 1)
+        blocks[..., :views, :, :].copy_(shifted[..., 0, :, :]).mul_(w[:, 0])  # part 0 of view v is block v
         blocks[..., views:, :, :].zero_()
         for j in range(1, parts):
-            blocks[..., j:j + views, :, :] += shifted[..., j, :, :]  # block v + j gets part j of view v
+            blocks[..., j:j + views, :, :].addcmul_(shifted[..., j, :, :], w[:, j])  # block v + j: part j of view v
 
     def _view_weights(self, plan: FusionPlan, regular: int, device, dtype) -> torch.Tensor:
         """The regular views' normalized weights ``(V, L, 1)`` on ``device``/``dtype``, cached per plan."""
