@@ -40,7 +40,9 @@ def test_freeloc_bench_quick(tmp_path):
             assert 0 < g["kept_density"] <= 1 and 0 < g["real_p_density"] <= 1, k
             assert g["geometry_agrees"] is True, k
             assert g["scored_density"] >= g["kept_density"], k  # masks are applied to candidate supersets
-            assert g["real_p_plan_mb_lower_bound"] > 0
+            assert 0 <= g["masked_density"] <= g["scored_density"], k  # masks only where membership varies
+            assert 0 < g["masked_tasks"] <= g["tasks"], k
+            assert g["real_p_plan_mb_estimate"] > 0 and g["real_p_plan_build_s_estimate"] > 0, k
         assert geo["TSA"]["kept_density"] < geo["VRPR"]["kept_density"]
         assert geo["TSA"]["real_p_density"] < geo["VRPR"]["real_p_density"]
         assert geo["full"]["kept_density"] == geo["UltraViCo"]["kept_density"] == 1.0

@@ -9,7 +9,7 @@ tokens per frame in raster order on an H×W grid), seeded random values, the sam
 * **full**: ``scaled_dot_product_attention`` on q and k rotated with Wan's 3-axis RoPE (``WanRotary.apply``;
   the rotation is timed with it) — the vanilla core;
 * **TSA**: ``branch_attention(q, k, v, rotary, tsa_branches(grid, round_to), grid, cache=...)`` (q/k before
-  RoPE: the kernel rotates per branch), exactly as ``methods.freeloc.FreeLocOp`` calls it (default ``block`` and
+  RoPE: the kernel rotates per branch positions), exactly as ``methods.freeloc.FreeLocOp`` calls it (default ``block`` and
   ``mask_bytes``, ``sink_future="auto"``, no gap fix);
 * **VRPR**: the same with ``vrpr_branches(grid, vrpr_settings(F), round_to)``;
 * **UltraViCo**: ``far_decay_attention(rotated q, rotated k, v, tokens_per_frame=P, train_frames=21)`` (alpha
@@ -20,7 +20,7 @@ frame structure: P = 8×13 = 104, 2 heads × 64, F = 41 and 81 (S = 4264 and 842
 F = 81 takes about half a second. Every token band of the geometry is a whole number of frames times P, so it
 scales with P; the official 128-token band rounding is scaled too: ``round_to = max(1, round(128·P/1560))``
 (9 at P = 104). Not scaled: ``branch_attention``'s query block (256 tokens; 2.5 frames here, 0.16 of a frame at
-P = 1560), so TSA's raster stripes are gathered as whole frames here (see "scored" below).
+P = 1560) and its planner's cost model (fitted on this CPU at these sizes), so the plan's tasks differ at P = 1560.
 
 Tables, per F:
 
@@ -29,19 +29,21 @@ Tables, per F:
    median / full's median. Peak extra memory: each kernel once in a fresh subprocess (``_harness.run_child``),
    RSS high-water mark above the RSS before the call (TSA/VRPR with their plan already built and cached, as
    every call after the first sees it). Densities: **kept** = share of the S² (q, k) pairs the kernel attends to
-   (TSA/VRPR: counted exactly from the plan's masks and checked against the pure geometry — ``tsa_branch``
+   (TSA/VRPR: counted exactly from the plan's tasks and masks and checked against the pure geometry — ``tsa_branch``
    counted over every pair, ``vrpr_coverage`` — the run fails if they differ; UltraViCo and full: 1), **scored**
-   = logits the kernel computes per S² (every branch scores its plan's candidate keys, then masks them; summed
-   over branches, so it can exceed 1 where branches' candidate sets overlap), and the kept
-   density at Wan's real P = 1560 with 128-token rounding for reference (TSA: ``tsa_density`` sampling 2 M
-   pairs; VRPR: ``vrpr_coverage``, exact). GFLOP = 4·heads·S²·D·density (QKᵀ and PV) for kept and scored pairs.
-2. **Mask build**: the first ``branch_attention`` call of a geometry builds its plan (``_plan``: per query block
-   and branch the candidate keys and a boolean membership mask) and caches it when it fits ``mask_bytes``;
-   later calls look it up. Columns: the plan build alone (``_plan`` without a cache), the first call (empty
-   cache), the cached call's mask work (the plan lookup + the per-branch RoPE tables ``rotated`` rebuilds from
-   the branches' positions on every call; the rotations themselves are attention compute and shown apart), each
-   as a share of one denoising step estimated as 30 layers × the full-attention core at that F. The plan's size
-   and whether it was cached are shown, with a lower bound of the plan's size at P = 1560 (kept pairs × 1 byte).
+   = logits the kernel computes per S² (every task of the plan scores its query × key rectangle, masked or not;
+   summed over branches), and the kept density at Wan's real P = 1560 with 128-token rounding for reference
+   (TSA: ``tsa_density`` sampling 2 M pairs; VRPR: ``vrpr_coverage``, exact). GFLOP = 4·heads·S²·D·density (QKᵀ
+   and PV) for kept and scored pairs.
+2. **Mask build**: the first ``branch_attention`` call of a geometry builds its plan (``_plan``: per query group
+   and branch, fused-attention tasks of query and key sets with an additive mask only where membership is not
+   all-true) and caches it when it fits ``mask_bytes``; later calls look it up. Columns: the plan build alone
+   (``_plan`` without a cache), the first call (empty cache), the cached call's mask work (the plan lookup + the
+   RoPE tables ``rope_tables`` rebuilds from the branches' positions on every call; the rotations themselves are
+   attention compute and shown apart), each as a share of one denoising step estimated as 30 layers × the
+   full-attention core at that F. The plan's size, its tasks and whether it was cached are shown, with the
+   plan's size and build time at P = 1560 estimated from its middle query groups (the middle 256-query block's
+   tasks × the number of blocks, plus the middle stripe tile's × the number of tiles).
 3. **Where the time goes** (largest F): one call of each kernel under ``torch.profiler`` (CPU), self time by
    op; "Python/other" = the call's wall time minus the ops' self time (interpreter, dispatch, profiler).
 
@@ -56,8 +58,8 @@ of medians), and **mask building < 1 % of a step after the first call** (at ever
 
 Threads: one torch thread by default (``--threads``), as the engine benchmark (two threads on the 2-vCPU dev VM
 are erratic). ``--cpu-time``: times are this process's CPU seconds (``time.process_time``) instead of wall time
-(forces one thread). ``--json FILE`` writes every number. Whole run about 3.5 min on the 2-vCPU dev VM;
-``--quick`` 25-45 s.
+(forces one thread). ``--json FILE`` writes every number. Whole run about 2 min on the 2-vCPU dev VM;
+``--quick`` 20-45 s.
 """
 
 from __future__ import annotations
@@ -163,34 +165,55 @@ class Setup:
 
     def tables(self, name: str) -> None:
         """The per-call geometry work of ``branch_attention`` besides the plan: every branch's positions and the
-        RoPE tables of its q and k positions (``rotated`` rebuilds them on every call)."""
-        _, h, w = self.grid
-        frame = torch.arange(self.seq) // (h * w)
-        token = torch.arange(self.seq)
-        hpos, wpos = token // w % h, token % w
-        for branch in self.branches[name]:
-            qpos, kpos = branch.positions(frame)
-            self.rotary.tables(qpos, hpos, wpos)
-            self.rotary.tables(kpos, hpos, wpos)
+        RoPE tables of its distinct q and k positions (``rope_tables`` rebuilds them on every call)."""
+        ba.rope_tables(self.rotary, self.branches[name], self.grid)
 
     def rotations(self, name: str) -> None:
-        """The per-call RoPE rotations of ``branch_attention`` (q and k per branch, tables included)."""
-        frame = torch.arange(self.seq) // (self.sizes.h * self.sizes.w)
-        for branch in self.branches[name]:
-            qpos, kpos = branch.positions(frame)
-            ba.rotated(self.q, self.rotary, qpos, self.grid).float()
-            ba.rotated(self.k, self.rotary, kpos, self.grid).float()
+        """The per-call RoPE rotations of ``branch_attention`` (q and k per distinct positions, tables included)."""
+        ba.rotations(self.q, self.k, self.rotary, self.branches[name], self.grid)
 
 
 # ============================================================================================ geometry
-def plan_stats(plan) -> dict:
-    """Kept pairs (mask entries set), scored pairs (mask entries), entries, and bytes of a plan."""
-    kept = sum(int(mask.sum()) for _, _, entries in plan for _, _, mask in entries)
-    scored = sum(mask.numel() for _, _, entries in plan for _, _, mask in entries)
-    nbytes = sum(mask.numel() * mask.element_size() + keys.numel() * keys.element_size()
-                 for _, _, entries in plan for _, keys, mask in entries)
-    return {"kept_pairs": kept, "scored_pairs": scored, "blocks": len(plan),
-            "entries": sum(len(e) for _, _, e in plan), "plan_mb": nbytes / hb.MB}
+def plan_stats(plan, seq: int) -> dict:
+    """Kept pairs (unmasked entries), scored pairs (every task's rectangle), pairs under a mask, tasks, and bytes
+    of a plan."""
+    every = torch.arange(seq)
+    kept = scored = masked = 0
+    for task in plan:
+        size = every[task.queries].numel() * every[task.keys].numel()
+        scored += size
+        if task.mask is None:
+            kept += size
+        else:
+            kept += int((task.mask == 0).sum())
+            masked += size
+    return {"kept_pairs": kept, "scored_pairs": scored, "masked_pairs": masked, "tasks": len(plan),
+            "masked_tasks": sum(task.mask is not None for task in plan), "plan_mb": ba.plan_bytes(plan) / hb.MB}
+
+
+def real_p_plan(name: str, frames: int) -> dict:
+    """The plan at Wan's real size (P = 1560, 128-token rounding), estimated from its middle query groups: the
+    middle contiguous block's tasks (all its branches) × the number of blocks, plus for a branch planned in tiles
+    (TSA's stripes) the middle tile's × the number of tiles. Bytes and build seconds (``TIMER``)."""
+    grid = (frames, 30, 52)
+    seq = frames * WAN_P
+    branches = tsa_branches(grid, WAN_ROUND) if name == "TSA" else \
+        vrpr_branches(grid, vrpr_settings(frames), WAN_ROUND)
+    q0 = seq // 2 // BLOCK * BLOCK
+    queries = torch.arange(q0, q0 + BLOCK)[None, :]
+    blocks = -(-seq // BLOCK)
+    t0 = TIMER()
+    tasks = [t for b, br in enumerate(branches) if br.groups is None
+             for t in ba._group_tasks(b, br, queries, br.candidates(q0, q0 + BLOCK))]
+    seconds, nbytes = (TIMER() - t0) * blocks, ba.plan_bytes(tasks) * blocks
+    for b, br in enumerate(branches):
+        if br.groups is not None:
+            tiles = list(br.groups())
+            t0 = TIMER()
+            tasks = ba._group_tasks(b, br, *tiles[len(tiles) // 2])
+            seconds += (TIMER() - t0) * len(tiles)
+            nbytes += ba.plan_bytes(tasks) * len(tiles)
+    return {"plan_mb": nbytes / hb.MB, "build_s": seconds}
 
 
 def tsa_pairs_exact(frames: int, p: int, round_to: int, rows: int = 256) -> int:
@@ -209,7 +232,7 @@ def geometry(s: Setup) -> dict:
     out = {}
     pairs = s.seq**2
     for name in ("TSA", "VRPR"):
-        st = plan_stats(s.plan(name, s.caches[name] or None))  # the cached plan when there is one
+        st = plan_stats(s.plan(name, s.caches[name] or None), s.seq)  # the cached plan when there is one
         if name == "TSA":
             exact = tsa_pairs_exact(s.frames, s.p, s.sizes.round_to) / pairs
             real = tsa_density(s.frames, WAN_P, round_to=WAN_ROUND, sink_future="auto")
@@ -217,10 +240,11 @@ def geometry(s: Setup) -> dict:
             exact = vrpr_coverage(s.frames, s.p, s.sizes.round_to)
             real = vrpr_coverage(s.frames, WAN_P, WAN_ROUND)
         kept = st["kept_pairs"] / pairs
+        big = real_p_plan(name, s.frames)
         out[name] = {**st, "kept_density": kept, "scored_density": st["scored_pairs"] / pairs,
-                     "geometry_density": exact, "geometry_agrees": abs(kept - exact) < 0.5 / pairs,
-                     "real_p_density": real,
-                     "real_p_plan_mb_lower_bound": real * (s.frames * WAN_P) ** 2 / hb.MB}
+                     "masked_density": st["masked_pairs"] / pairs, "geometry_density": exact,
+                     "geometry_agrees": abs(kept - exact) < 0.5 / pairs, "real_p_density": real,
+                     "real_p_plan_mb_estimate": big["plan_mb"], "real_p_plan_build_s_estimate": big["build_s"]}
     for name in ("full", "UltraViCo"):
         out[name] = {"kept_density": 1.0, "scored_density": 1.0, "real_p_density": 1.0}
     return out
@@ -396,7 +420,7 @@ def mask_table(cases: list[dict]) -> str:
         for n, r in c["mask_build"].items():
             g = c["geometry"][n]
             rows.append([
-                c["frames"], n, f"{g['blocks']} × {g['entries'] / g['blocks']:.1f}",
+                c["frames"], n, f"{g['tasks']} ({g['masked_tasks']})",
                 f"{g['plan_mb']:.1f}", "yes" if r["cached"] else "**no**",
                 f"{1e3 * r['build_median_s']:.1f}", f"{100 * r['build_share_of_step']:.2f} %",
                 f"{1e3 * r['first_call_s']:.1f}", f"{100 * r['first_call_share_of_step']:.2f} %",
@@ -404,12 +428,12 @@ def mask_table(cases: list[dict]) -> str:
                 "–" if r["cached_overhead_s"] is None else f"{1e3 * r['cached_overhead_s']:.2f}",
                 "–" if r["cached_share_of_step"] is None else f"**{100 * r['cached_share_of_step']:.3f} %**",
                 f"{1e3 * r['rotations_s']:.1f}", f"{1e3 * c['step_estimate_s']:.0f}",
-                f"{g['real_p_plan_mb_lower_bound'] / 1024:.1f} GB",
+                f"{g['real_p_plan_mb_estimate'] / 1024:.2f} GB, {g['real_p_plan_build_s_estimate']:.0f} s",
             ])
-    headers = ["F", "kernel", "blocks × entries/block", "plan MB", "cached", "plan build ms", "build / step",
+    headers = ["F", "kernel", "tasks (masked)", "plan MB", "cached", "plan build ms", "build / step",
                "first call ms", "first call / step", "cached lookup µs", "RoPE tables ms (every call)",
                "cached-call mask work ms", "cached mask work / step", "rotations ms (every call)",
-               f"step est. ms ({WAN_LAYERS} × full)", f"plan at P={WAN_P} ≥"]
+               f"step est. ms ({WAN_LAYERS} × full)", f"plan at P={WAN_P} ≈ (size, build)"]
     return hb.markdown_table(headers, rows)
 
 
@@ -452,11 +476,16 @@ def goals(cases: list[dict], quick: bool) -> tuple[str, list[dict]]:
                  f"RoPE tables, step = {WAN_LAYERS} × full): {per} → {verdict(met)}")
     out.append({"name": "mask building < 1% of a step after the first", "value": worst, "limit": MASK_GOAL,
                 "met": met, "judged": judged})
-    real = [(c["frames"], n, c["geometry"][n]["real_p_plan_mb_lower_bound"]) for c in cases for n in ("TSA", "VRPR")]
-    lines.append(f"- Caveat, at Wan's real P = {WAN_P}: the plan holds at least one mask byte per kept pair, "
-                 + ", ".join(f"{n} F={f} ≥ {mb / 1024:.1f} GB" for f, n, mb in real)
-                 + f", far above mask_bytes = {MASK_BYTES / hb.MB:.0f} MB, so there it is never cached: every call "
-                   "rebuilds it (the first-call column, not the cached one, is the per-call cost at that size).")
+    real = [(c["frames"], n, c["geometry"][n]["real_p_plan_mb_estimate"],
+             c["geometry"][n]["real_p_plan_build_s_estimate"]) for c in cases for n in ("TSA", "VRPR")]
+    over = [r for r in real if r[2] > MASK_BYTES / hb.MB]
+    lines.append(f"- Caveat, at Wan's real P = {WAN_P} (estimated from the middle query groups): the plan would "
+                 "take " + ", ".join(f"{n} F={f} ≈ {mb / 1024:.2f} GB (build ≈ {sec:.0f} s)"
+                                     for f, n, mb, sec in real)
+                 + (f"; above mask_bytes = {MASK_BYTES / hb.MB:.0f} MB ("
+                    + ", ".join(f"{n} F={f}" for f, n, _, _ in over)
+                    + ") it is never cached, so every call rebuilds it." if over else
+                    f", within mask_bytes = {MASK_BYTES / hb.MB:.0f} MB: cached after the first call."))
     return "\n".join(lines), out
 
 
@@ -500,15 +529,15 @@ def main() -> int:
           f"and the median of the per-round ratios (paired). Peak extra memory: one call in a fresh subprocess "
           f"(TSA/VRPR with their plan cached; the output, {cases[-1]['seq'] * sizes.heads * sizes.dim * 4 / hb.MB:.1f}"
           f" MB at F = {cases[-1]['frames']}, included). Kept density: pairs attended / S²; scored: logits "
-          f"computed / S² (each branch's candidate keys before masking, summed over branches). "
+          f"computed / S² (every task's query × key rectangle, masked or not, summed over branches). "
           f"GFLOP = 4·heads·S²·D·density. max |Δ| at F = {smallest} only.\n")
     print(time_table(cases) + "\n")
     print("## 2. Mask (plan) build\n")
     print(f"Plan build = ``_plan`` without a cache (median of {sizes.plan_reps}); first call = ``branch_attention`` "
-          f"with an empty cache (plan build + attention); cached-call mask work = the plan lookup + the per-branch "
-          f"RoPE tables rebuilt every call; rotations (q and k per branch, every call) are attention compute, shown "
-          f"for the breakdown. Step estimate = {WAN_LAYERS} layers × the full core's median at that F. "
-          f"Plan at P = {WAN_P}: lower bound = kept pairs × 1 byte of mask.\n")
+          f"with an empty cache (plan build + attention); cached-call mask work = the plan lookup + the RoPE "
+          f"tables rebuilt every call; rotations (q and k per distinct positions, every call) are attention "
+          f"compute, shown for the breakdown. Step estimate = {WAN_LAYERS} layers × the full core's median at that "
+          f"F. Plan at P = {WAN_P}: the middle query groups' tasks (size, build time) × the number of groups.\n")
     print(mask_table(cases) + "\n")
     if cases[-1]["profile"]:
         print(f"## 3. Where the time goes at F = {cases[-1]['frames']} (one profiled call each)\n")
