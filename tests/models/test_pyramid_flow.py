@@ -283,13 +283,17 @@ def test_the_sd3_config_has_exactly_the_released_keys_and_shapes_after_the_remap
     assert all(block.attn.norm_added_q.eps == 1e-5 for block in model.transformer_blocks)
 
 
+#: the tiny SD3 DiT of these tests (the single-file tests build the same one)
+TINY_SD3 = dict(sample_size=32, num_layers=2, num_attention_heads=2, caption_projection_dim=128,
+                joint_attention_dim=32, pooled_projection_dim=24, pos_embed_max_size=48)
+
+
 @pytest.fixture(scope="module")
 def tiny_sd3():
     from longvid.models.pyramid_flow.dit_sd3 import build_sd3
 
     torch.manual_seed(0)
-    model = build_sd3(sample_size=32, num_layers=2, num_attention_heads=2, caption_projection_dim=128,
-                      joint_attention_dim=32, pooled_projection_dim=24, pos_embed_max_size=48)
+    model = build_sd3(**TINY_SD3)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from longvid.errors import ModelLoadError
 from longvid.models.pyramid_flow.load import TRANSFORMER_FILE, VAE_FILE, build_dit, dit_sizes, load_folder, read_state
-from tests.models.test_pyramid_flow import _pyramid_recipe, _tiny_official_folder
+from tests.models.test_pyramid_flow import TINY_SD3, _pyramid_recipe, _tiny_official_folder
 
 VARIANT = "diffusion_transformer_384p"
 HUB_ID = "rain1011/pyramid-flow-miniflux"
@@ -46,8 +46,7 @@ def tiny_sd3():
     from longvid.models.pyramid_flow.dit_sd3 import build_sd3
 
     torch.manual_seed(0)
-    model = build_sd3(sample_size=32, num_layers=2, num_attention_heads=2, caption_projection_dim=128,
-                      joint_attention_dim=32, pooled_projection_dim=24, pos_embed_max_size=48)
+    model = build_sd3(**TINY_SD3)
     with torch.no_grad():
         model.pos_embed.pos_embed.copy_(model.pos_embed.pos_embed.bfloat16().float())
     return _bf16_exact(model)

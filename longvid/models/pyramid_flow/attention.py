@@ -27,10 +27,13 @@ from longvid.models.pyramid_flow.sequence import PATCH
 
 @dataclass(frozen=True)
 class BlockCausal:
-    """The structure of one stage's mask: the text validity and where each frame's vision tokens end."""
+    """The structure of one stage's mask: the text validity and where each frame's vision tokens end, plus the two
+    small masks the kernel needs, built once per forward (not per attention call)."""
 
     text_valid: torch.Tensor  # (B, L_t) bool, True = a real (not padded) text token
     ends: tuple[int, ...]  # end (exclusive) of frame τ's vision tokens, counted from the first vision token
+    first_mask: torch.Tensor | None = None  # (B, 1, L0, L0) over text + frame 0; None when no text is padded
+    key_mask: torch.Tensor | None = None  # (B, 1, 1, L): padded text masked out as keys; None when none is padded
 
     @property
     def text(self) -> int:
@@ -47,32 +50,36 @@ class BlockCausal:
         return (same & (tau[:, None] >= tau[None, :]).to(same.device))[:, None]
 
 
-def block_causal(text_mask: torch.Tensor, clips: list[torch.Tensor]) -> BlockCausal:
-    """The :class:`BlockCausal` layout of ``[text; clips]`` (clips oldest first, ``(B, C, t, h, w)`` each)."""
+def block_causal(text_mask: torch.Tensor, clips: list[torch.Tensor],
+                 device: torch.device | str | None = None) -> BlockCausal:
+    """The :class:`BlockCausal` layout of ``[text; clips]`` (clips oldest first, ``(B, C, t, h, w)`` each), its
+    masks on ``device`` (None: the text mask's)."""
     ends, total = [], 0
     for clip in clips:
         per_frame = (clip.shape[3] // PATCH) * (clip.shape[4] // PATCH)
         for _ in range(clip.shape[2]):
             total += per_frame
             ends.append(total)
-    return BlockCausal(text_mask.bool(), tuple(ends))
+    valid = text_mask.bool().to(device)  # (B, L_t)
+    if bool(valid.all()):  # nothing padded: every query sees a plain prefix of the keys
+        return BlockCausal(valid, tuple(ends))
+    b = valid.shape[0]
+    seen = torch.cat([valid, valid.new_ones(b, ends[0])], 1)  # (B, L0): text + frame 0
+    keys = torch.cat([valid, valid.new_ones(b, total)], 1)  # (B, L)
+    return BlockCausal(valid, tuple(ends), (seen[:, :, None] == seen[:, None, :])[:, None], keys[:, None, None])
 
 
 def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockCausal) -> torch.Tensor:
     """Attention of ``q``/``k``/``v`` ``(B, H, L, d)`` under ``layout``'s mask -> ``(B, H, L, d)`` (any strides)."""
     b, heads, length, dim = q.shape
     text = layout.text
-    valid = layout.text_valid.to(q.device)  # (B, L_t)
     out = q.new_empty(b, length, heads, dim).transpose(1, 2)  # (B, H, L, d) view of (B, L, H, d): free to flatten
     # text and frame 0: a dense mask over their own prefix (padded text sees padded text only)
     first = text + layout.ends[0]
-    seen = torch.cat([valid, torch.ones(b, layout.ends[0], dtype=torch.bool, device=q.device)], 1)  # (B, L0)
-    mask0 = None if bool(valid.all()) else (seen[:, :, None] == seen[:, None, :])[:, None]  # (B, 1, L0, L0)
     out[:, :, :first] = F.scaled_dot_product_attention(q[:, :, :first], k[:, :, :first], v[:, :, :first],
-                                                       attn_mask=mask0)
+                                                       attn_mask=layout.first_mask)
     # frame τ ≥ 1: real text + frames 0…τ, a prefix of the keys
-    keys = None if bool(valid.all()) else torch.cat(
-        [valid, torch.ones(b, length - text, dtype=torch.bool, device=q.device)], 1)[:, None, None]  # (B,1,1,L)
+    keys = layout.key_mask
     for start, end in zip(layout.ends[:-1], layout.ends[1:]):
         rows, stop = slice(text + start, text + end), text + end
         out[:, :, rows] = F.scaled_dot_product_attention(

@@ -40,7 +40,7 @@ def flux_forward(model, clips: list[torch.Tensor], text: torch.Tensor, text_mask
     ids = torch.cat([torch.zeros(text.shape[1], 3), image_ids(clips)]).to(hidden.device)  # (L + N, 3)
     rotary = model.pos_embed(ids)
     kwargs = {"attention_mask": stage_mask(text_mask, clips, hidden.device) if dense_mask else
-              block_causal(text_mask, clips)}
+              block_causal(text_mask, clips, hidden.device)}
     for block in model.transformer_blocks:
         context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
                                 image_rotary_emb=rotary, joint_attention_kwargs=kwargs)

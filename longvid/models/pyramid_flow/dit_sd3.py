@@ -125,7 +125,8 @@ def sd3_forward(model, clips: list[torch.Tensor], text: torch.Tensor, text_mask:
     head_dim = model.config.attention_head_dim
     cos, sin = get_1d_rotary_pos_embed(head_dim, tau.double(), theta=10000.0, use_real=True,
                                        repeat_interleave_real=True)
-    mask = stage_mask(text_mask, clips, hidden.device) if dense_mask else block_causal(text_mask, clips)
+    mask = (stage_mask(text_mask, clips, hidden.device) if dense_mask else
+            block_causal(text_mask, clips, hidden.device))
     kwargs = {"attention_mask": mask,
               "rotary": (cos.to(hidden.device, hidden.dtype), sin.to(hidden.device, hidden.dtype))}
     for block in model.transformer_blocks:
