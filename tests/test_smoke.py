@@ -85,3 +85,20 @@ def test_unknown_case_is_refused(tmp_path):
     proc = _run("--tiny", "--cases", "vanilla-81,nope", "--out", str(tmp_path / "s.json"))
     assert proc.returncode == 2 and "unknown case(s) nope" in proc.stderr
     assert not (tmp_path / "s.json").exists()
+
+
+def test_tiny_smoke_long_cases(tmp_path):
+    """``--cases long``: one step per case at 2x / 4x the (tiny) trained length, each method against vanilla at the
+    same length; every method must act (its latents differ from vanilla's) and record itself in the sidecar."""
+    out = tmp_path / "long.json"
+    proc = _run("--tiny", "--steps", "2", "--cases", "long", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cases = {c["case"]: c for c in json.loads(out.read_text())["cases"]}
+    assert list(cases) == ["vanilla-161", "vanilla-321", "freeloc-321", "ultravico-321", "riflex-321", "ntk-161"]
+    for name, case in cases.items():
+        assert case["finite"] is True and case["latent_shape"] == [1, 16, 9 if "321" in name else 5, 4, 6], name
+        method = [] if name.startswith("vanilla") else [name.split("-")[0]]
+        assert case["sidecar_stages"][-1]["methods"] == method
+        if method:
+            vanilla = cases["vanilla-" + name.split("-")[1]]["latents_digest"]
+            assert case["latents_digest"] != vanilla, name  # the method changed the computation

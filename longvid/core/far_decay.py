@@ -14,8 +14,9 @@ strongly they match. With ``F`` tokens per latent frame and ``N`` training laten
 
 ``F`` and ``N`` come from the real grid and model (the official kernel hard-codes 1560 and 21, i.e. Wan 1.3B
 at 480×832). The rule is not an additive bias, so one SDPA call cannot express it: the GPU path is
-``flex_attention`` with a ``score_mod`` (exact), the CPU path exact blocked attention over query chunks; both
-are checked against a dense float64 reference. :func:`far_mask` and :func:`far_share` are the geometry alone.
+``flex_attention`` with a ``score_mod`` (exact), the CPU path a GEMM per key region and block of queries with
+the rule folded into the far regions' GEMM (exact); both are checked against a dense float64 reference.
+:func:`far_mask`, :func:`far_share`, :func:`near_bounds` and :func:`hidden_rectangle` are the geometry alone.
 """
 
 from __future__ import annotations
@@ -70,31 +71,110 @@ def _decay(scores: Tensor, m: Tensor, n: Tensor, f: int, nf: int, alpha: float, 
 
 def far_decay_attention(q: Tensor, k: Tensor, v: Tensor, *, tokens_per_frame: int, train_frames: int,
                         alpha: float = 0.9, rule: str = "token", first_frame: str = "official",
-                        center_k: bool = True, backend: str = "auto", chunk_bytes: int = 64 << 20) -> Tensor:
+                        center_k: bool = True, backend: str = "auto", chunk_bytes: int | None = None) -> Tensor:
     """UltraViCo attention over ``(B, heads, S, D)`` q/k/v in flattened (f, h, w) order; returns ``(B, heads, S, D)``.
 
-    ``backend``: ``flex`` (``flex_attention`` + ``score_mod``, compiled on CUDA), ``chunked`` (exact blocked
-    attention, memory ``chunk_bytes`` of logits at a time), ``auto`` = flex on CUDA, chunked elsewhere.
+    ``backend``: ``flex`` (``flex_attention`` + ``score_mod``, compiled on CUDA); ``regions`` (exact CPU path: per
+    block of query rows, one GEMM per key region, the rule folded into the far regions' GEMM, in-place softmax;
+    :func:`_regions`); ``chunked`` (exact blocked attention from differentiable ops, for autograd); ``auto`` =
+    flex on CUDA, else regions, or chunked when a gradient is needed. ``chunk_bytes`` bounds the logits held
+    at a time (default: 8 MiB for regions, so a block stays in cache; 64 MiB for chunked).
     """
     if center_k:
         k = k - k.mean(dim=2, keepdim=True)  # SageAttention's smooth_k, as the official kernel scores
     if backend == "auto":
-        backend = "flex" if q.is_cuda else "chunked"
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        backend = "flex" if q.is_cuda else ("chunked" if grad else "regions")
     if backend == "flex":
         return _flex(q, k, v, tokens_per_frame, train_frames, alpha, rule, first_frame)
+    if backend == "regions":
+        return _regions(q, k, v, tokens_per_frame, train_frames, alpha, rule, first_frame, chunk_bytes or 8 << 20)
     if backend != "chunked":
-        raise ValueError(f"backend must be 'auto', 'flex' or 'chunked', got {backend!r}")
+        raise ValueError(f"backend must be 'auto', 'flex', 'regions' or 'chunked', got {backend!r}")
     b, h, s, d = q.shape
     scale = 1.0 / math.sqrt(d)
     out = torch.empty_like(q if q.dtype == v.dtype else v)
     keys = torch.arange(s, device=q.device)
-    rows = max(1, chunk_bytes // max(b * h * s * 4, 1))
+    rows = max(1, (chunk_bytes or 64 << 20) // max(b * h * s * 4, 1))
     for r0 in range(0, s, rows):
         r1 = min(r0 + rows, s)
         scores = torch.matmul(q[:, :, r0:r1].float(), k.float().transpose(-1, -2)) * scale  # (B, h, c, S)
         scores = _decay(scores, keys[r0:r1], keys, tokens_per_frame, train_frames, alpha, rule, first_frame)
         out[:, :, r0:r1] = torch.matmul(scores.softmax(dim=-1), v.float()).to(out.dtype)
     return out
+
+
+def near_bounds(m: Tensor, tokens_per_frame: int, train_frames: int, rule: str, seq: int) -> tuple[Tensor, Tensor]:
+    """The keys near query ``m`` (an index tensor), ``[lo, hi)`` — one interval under either rule, and both ends
+    non-decreasing in ``m``, so a block of consecutive queries splits the keys into always-far, mixed and
+    always-near intervals."""
+    if rule == "token":
+        w = half_window(tokens_per_frame, train_frames)
+        return (m - w).clamp_min(0), (m + w + 1).clamp_max(seq)
+    if rule == "frame":
+        frame, half = m // tokens_per_frame, train_frames // 2
+        return ((frame - half) * tokens_per_frame).clamp_min(0), ((frame + half + 1) * tokens_per_frame).clamp_max(seq)
+    raise ValueError(f"rule must be 'token' or 'frame', got {rule!r}")
+
+
+def hidden_rectangle(tokens_per_frame: int, train_frames: int, mode: str) -> tuple[int, int]:
+    """The first-frame rule (:func:`first_frame_mask`) as a rectangle: queries ``[0, rows)`` hide keys ``[key0, S)``."""
+    f, n = tokens_per_frame, train_frames
+    if mode == "official":
+        return f + 1, n * f + 1
+    if mode == "exact":
+        return f, n * f
+    if mode == "off":
+        return 0, 0
+    raise ValueError(f"first_frame must be 'official', 'exact' or 'off', got {mode!r}")
+
+
+def _regions(q, k, v, f: int, nf: int, alpha: float, rule: str, first: str, chunk_bytes: int) -> Tensor:
+    """Exact CPU path. Per block of query rows ``[r0, r1)`` (all batches and heads at once) the keys split into
+    always-far ``[0, a)``, near-or-mixed ``[a, e)`` and always-far ``[e, S)`` (:func:`near_bounds`). The far
+    regions' logits come from ``(α·q)·k`` and one in-place ``leaky_relu(·, 1/α)``, which is ``min(s, α·s)``
+    (positive ``α·s`` stays, negative ``α·s`` goes back to ``s``), so the rule costs one cheap pass; only the
+    mixed slabs (a block wide under the token rule) take an index mask. Then the first-frame rectangle, an
+    in-place softmax and one GEMM with V. A block's logits (``chunk_bytes``) stay small, so the unfused
+    softmax's passes run from cache; the out-of-place chunked path makes ~8 passes over memory."""
+    b, h, s, d = q.shape
+    bh = b * h
+    scale = 1.0 / math.sqrt(d)
+    qs = (q.float() * scale).reshape(bh, s, d)  # (BH, S, D), pre-scaled: the GEMM yields the logits
+    qa = qs * alpha  # (BH, S, D): far logits α·s
+    kt = k.float().reshape(bh, s, d).transpose(1, 2).contiguous()  # (BH, D, S)
+    vf = v.float().reshape(bh, s, d)  # (BH, S, D)
+    out = torch.empty(bh, s, d, dtype=torch.float32, device=q.device)
+    rows = max(16, chunk_bytes // (4 * s * bh))  # below ~16 rows the GEMMs lose their efficiency
+    flat = torch.empty(bh * min(rows, s) * s, dtype=torch.float32, device=q.device)  # one block's logits
+    idx = torch.arange(s, device=q.device)
+    lo, hi = near_bounds(idx, f, nf, rule, s)  # (S,) each: near keys of every query
+    hide_rows, hide_from = hidden_rectangle(f, nf, first)
+    slope = 1.0 / alpha
+    for r0 in range(0, s, rows):
+        r1 = min(r0 + rows, s)
+        sc = flat[:bh * (r1 - r0) * s].view(bh, r1 - r0, s)  # (BH, c, S), contiguous (the softmax runs in place)
+        a, a1, e0, e = (int(x) for x in (lo[r0], lo[r1 - 1], hi[r0], hi[r1 - 1]))
+        far = [(x, y) for x, y in ((0, a), (e, s)) if y > x]  # always-far regions
+        for i in range(bh):  # 2-D GEMMs write column slices in place (a batched out= slice is a copy)
+            torch.mm(qs[i, r0:r1], kt[i, :, a:e], out=sc[i, :, a:e])
+            for x, y in far:
+                torch.mm(qa[i, r0:r1], kt[i, :, x:y], out=sc[i, :, x:y])
+        for x, y in far:
+            F.leaky_relu_(sc[:, :, x:y], slope)
+        # mixed slabs [a, a1) and [e0, e) (one when they meet): s + (α − 1)·max(s, 0) where the key is outside
+        # the query's own near interval
+        for x, y in [(a, e)] if a1 >= e0 else [(a, a1), (e0, e)]:
+            if y > x:
+                far = (idx[x:y] < lo[r0:r1, None]) | (idx[x:y] >= hi[r0:r1, None])  # (c, width)
+                slab = sc[:, :, x:y]
+                slab.addcmul_(slab.clamp(min=0), far.to(slab.dtype).mul_(alpha - 1))
+        if r0 < hide_rows and hide_from < s:
+            sc[:, :min(r1, hide_rows) - r0, hide_from:] = float("-inf")
+        torch.ops.aten._softmax.out(sc, -1, False, out=sc)  # in place: safe on a contiguous tensor only
+        for i in range(bh):
+            torch.mm(sc[i], vf[i], out=out[i, r0:r1])
+    return out.view(b, h, s, d).to(v.dtype)
 
 
 _COMPILED = {}

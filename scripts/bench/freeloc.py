@@ -13,7 +13,7 @@ tokens per frame in raster order on an H×W grid), seeded random values, the sam
   ``mask_bytes``, ``sink_future="auto"``, no gap fix);
 * **VRPR**: the same with ``vrpr_branches(grid, vrpr_settings(F), round_to)``;
 * **UltraViCo**: ``far_decay_attention(rotated q, rotated k, v, tokens_per_frame=P, train_frames=21)`` (alpha
-  0.9, token rule, official first-frame rule, K centred: the CPU chunked path; the rotation is timed with it).
+  0.9, token rule, official first-frame rule, K centred: the CPU ``regions`` path; the rotation is timed with it).
 
 Sizes, scaled down from Wan 2.1 1.3B at 480×832 (P = 30×52 = 1560, 12 heads × 128) to fit a CPU with the same
 frame structure: P = 8×13 = 104, 2 heads × 64, F = 41 and 81 (S = 4264 and 8424), so one full-attention core at

@@ -29,6 +29,12 @@ memory-knob cases get a freshly built model each), each run through
 11. ``pyramid-offload-384p`` ``pyramid-flow-384p`` with ``runtime.offload: model`` (per phase: text encoders,
                       then the DiT, then the VAE on the GPU, the rest in CPU memory): its peak memory against case 10.
 
+The length-extrapolation check (``--cases long``, not in the default run: it takes about as long again): one Wan
+step at 2x and 4x the trained length, each method against vanilla at the same length: ``vanilla-161``,
+``vanilla-321`` (plain 3D attention over 41 / 81 latent frames), ``freeloc-321`` (the built-in preset at 4x),
+``ultravico-321``, ``riflex-321`` (a table edit: its step should cost vanilla's) and ``ntk-161``;
+``freeloc-161`` and ``ultravico-161`` above are the 2x methods. ``--cases all`` runs every case.
+
 Reading the numbers (one table row per stage; the JSON has every step and the sidecar's stage timings): each
 stage's schedule has ``--steps N`` steps, of which the refine stage runs the last int(0.7 N). ``first s`` is a
 stage's first denoising step (kernel selection and allocator warm-up included), ``s/step`` the median of its
@@ -60,10 +66,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 import torch  # noqa: E402
 
 #: sizes of the cases: frames, long frames, base and refine HxW, FreeNoise/FreeLong window (video frames)
-REAL = {"frames": 81, "long": 161, "base": (480, 832), "refine": (720, 1280), "window": 81, "swim": (1088, 1920)}
-TINY = {"frames": 9, "long": 17, "base": (32, 48), "refine": (64, 96), "window": 9, "swim": (64, 96)}
+REAL = {"frames": 81, "long": 161, "long4": 321, "base": (480, 832), "refine": (720, 1280), "window": 81,
+        "swim": (1088, 1920)}
+TINY = {"frames": 9, "long": 17, "long4": 33, "base": (32, 48), "refine": (64, 96), "window": 9, "swim": (64, 96)}
 CASES = ("vanilla-81", "freenoise-161", "freelong-161", "upscale-720p", "freeloc-161", "ultravico-161",
          "freeswim-1080p", "fp8-81", "group-offload-81", "pyramid-flow-384p", "pyramid-offload-384p")
+LONG_CASES = ("vanilla-161", "vanilla-321", "freeloc-321", "ultravico-321", "riflex-321", "ntk-161")  # --cases long
 PYRAMID_CASES = ("pyramid-flow-384p", "pyramid-offload-384p")  # another family: its own adapter, after the Wan cases
 PROMPT = "a red fox running through fresh snow at dawn, cinematic"
 
@@ -74,6 +82,7 @@ def case_recipes(size: dict) -> dict[str, dict]:
     (h, w), (rh, rw), win = size["base"], size["refine"], size["window"]
     short = {"num_frames": size["frames"], "height": h, "width": w, "fps": 16}
     long = {**short, "num_frames": size["long"]}
+    long4 = {**short, "num_frames": size["long4"]}
     # The windows are spelled out so --tiny's 17 frames really get windows (81 is the default on Wan).
     return {
         "vanilla-81": {"video": short},
@@ -83,6 +92,13 @@ def case_recipes(size: dict) -> dict[str, dict]:
         # the tiny model has no FreeLOC preset and its 17 frames are within the trained length: open the gates
         "freeloc-161": {"video": long, "methods": {"freeloc": {"tsa_layers": [0], "gate": False} if tiny else {}}},
         "ultravico-161": {"video": long, "methods": {"ultravico": {"gate": False} if tiny else {}}},
+        "vanilla-161": {"video": long},
+        "vanilla-321": {"video": long4},
+        "freeloc-321": {"video": long4, "methods": {"freeloc": {"tsa_layers": [0], "gate": False} if tiny else {}}},
+        "ultravico-321": {"video": long4, "methods": {"ultravico": {"gate": False} if tiny else {}}},
+        # Wan's k = 6 (period 51 latent frames); the tiny run's 9 latent frames are below it: open the gate
+        "riflex-321": {"video": long4, "methods": {"riflex": {"k": 6, **({"gate": False} if tiny else {})}}},
+        "ntk-161": {"video": long, "methods": {"ntk": {"scale": 2.0} if tiny else {}}},  # tiny: within its length
         "freeswim-1080p": {"video": {**short, "height": size["swim"][0], "width": size["swim"][1]},
                            "stages": {"base": {"height": h, "width": w},
                                       "refine": {"strength": 0.7, "upsample": "pixel", "sampler": {"flow_shift": 9.0}}},
@@ -213,7 +229,8 @@ def run_case(name: str, recipe, adapter, clock: StepClock, device: torch.device)
         result = runner.generate(recipe, adapter=adapter, write=False, progress=clock.progress)
         latents = result.latents.float()
         row.update(latent_shape=list(latents.shape), finite=bool(torch.isfinite(latents).all()),
-                   latents_std=round(float(latents.std()), 4), sidecar_stages=result.sidecar["stages"],
+                   latents_std=round(float(latents.std()), 4), latents_digest=_digest(latents),
+                   sidecar_stages=result.sidecar["stages"],
                    sidecar_timings=result.sidecar["timings"])
         del result, latents
     except Exception as err:  # record, go on with the next case
@@ -253,17 +270,26 @@ def table(rows: list[dict]) -> str:
                      [("  ".join(r[:3]) if r[1] == "ERROR" else fmt(r)) for r in lines])
 
 
+def _digest(latents: torch.Tensor) -> list[float]:
+    """A few float64 moments of the final latents: equal runs give equal digests, a method that acts changes them."""
+    x = latents.detach().double().flatten()
+    return [round(float(v), 9) for v in (x.mean(), x.abs().mean(), (x * torch.linspace(-1, 1, x.numel(),
+                                                                                  dtype=x.dtype, device=x.device)).mean())]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny models at toy sizes (CPU unless CUDA is there)")
     parser.add_argument("--steps", type=int, default=3, help="denoising steps of each stage's schedule (default 3)")
-    parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES + LONG_CASES)}; "
+                                         "'long': the length-extrapolation cases; 'all': every case")
     parser.add_argument("--out", type=Path, help="JSON file (default: $OUT/smoke.json, else ./smoke.json)")
     args = parser.parse_args(argv)
-    names = args.cases.split(",") if args.cases else list(CASES)
-    unknown = [n for n in names if n not in CASES]
+    groups_of = {"long": list(LONG_CASES), "all": list(CASES + LONG_CASES)}
+    names = [n for c in (args.cases.split(",") if args.cases else CASES) for n in groups_of.get(c, [c])]
+    unknown = [n for n in names if n not in CASES + LONG_CASES]
     if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES + LONG_CASES)}, long, all")
     if not args.tiny and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (use --tiny for the CPU check)")
     out = args.out or Path(os.environ.get("OUT") or ".") / "smoke.json"
