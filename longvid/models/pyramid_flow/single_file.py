@@ -3,53 +3,36 @@
 ComfyUI users have Pyramid Flow's DiT and VAE as one ``.safetensors`` file each (``Kijai/pyramid-flow-comfy``:
 ``pyramid_flow_miniflux_bf16_v2.safetensors``, ``pyramid_flow_miniflux_768_bf16.safetensors``, fp8 variants,
 ``pyramid_flow_vae_{bf16,fp32}.safetensors``), with the official key names. This module reads such a file's
-header (8-byte little-endian length, then JSON; never the tensors, never any code) so that ``longvid validate``
-and ``generate`` refuse a missing, foreign or damaged file, or a DiT given as the VAE, before anything loads.
+header with the safetensors library (its numpy front end: no torch import, never the tensors, never any code) so
+that ``longvid validate`` and ``generate`` refuse a missing, foreign or damaged file, or a DiT given as the VAE,
+before anything loads.
 Only safetensors are taken: a single pickled ``.bin`` is refused (the official folder layout's pickles still load
 through ``model.path``, with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
 
 #: the option of each single file, and what it replaces in the official folder
 FILES = {"transformer_file": "the DiT", "vae_file": "the causal VAE"}
 #: safetensors dtypes a file may store; every one is cast to the run's dtype at load
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-#: the safetensors library's own bound on the header size
-MAX_HEADER = 100 * 1024 * 1024
 _DIT_KEYS = ("x_embedder.weight", "pos_embed.proj.weight")  # miniFLUX, SD3
 _VAE_KEY = "post_quant_conv.conv.weight"
 
 
-def read_header(path: Path) -> dict[str, dict]:
-    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` of a safetensors file (``__metadata__`` dropped).
-    Raises ``ValueError`` with the reason when the file is not a well-formed safetensors file."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{size} bytes, too short for a header")
-        (length,) = struct.unpack("<Q", head)
-        if length < 2 or length > MAX_HEADER or 8 + length > size:
-            raise ValueError(f"header length {length} does not fit a {size}-byte file")
-        try:
-            header = json.loads(f.read(length).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"the header is not JSON ({type(err).__name__})") from None
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    header.pop("__metadata__", None)
-    data = size - 8 - length
-    for name, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(x, int) for x in offsets)
-                or not 0 <= offsets[0] <= offsets[1] <= data or not isinstance(entry.get("shape"), list)):
-            raise ValueError(f"tensor '{name[:80]}' has a broken entry (the file is truncated or damaged)")
-    return header
+def read_dtypes(path: Path) -> dict[str, str]:
+    """``{tensor name: safetensors dtype}`` of a safetensors file, from its header alone (the library checks that
+    the header is well formed and that the tensors' offsets cover the file exactly, so a truncated file fails).
+    Raises ``ValueError`` with the library's reason otherwise."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(str(err)) from None
 
 
 def check_file(option: str, value, model_path: str) -> list[tuple[str, str]]:
@@ -69,10 +52,10 @@ def check_file(option: str, value, model_path: str) -> list[tuple[str, str]]:
                       f"pyramid_flow_*.safetensors); a pickled .bin loads only from the official folder layout "
                       f"(model.path)")]
     try:
-        header = read_header(file)
+        header = read_dtypes(file)
     except (OSError, ValueError) as err:
         return [(key, f"'{value}' is not a readable safetensors file ({err}); download it again")]
-    dtypes = sorted({entry.get("dtype") for entry in header.values()} - set(FLOAT_DTYPES), key=str)
+    dtypes = sorted(set(header.values()) - set(FLOAT_DTYPES), key=str)
     if dtypes:
         return [(key, f"'{value}' stores {', '.join(map(str, dtypes))} tensors; only float files (fp32, bf16, fp16, "
                       f"fp8 e4m3fn/e5m2) with the official key names load")]
