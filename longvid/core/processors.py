@@ -154,17 +154,19 @@ class OpAttnProcessor:
         return out
 
 class StackedQKV:
-    """q, k and v of the heads in ``cols`` from one GEMM over the stacked weight rows: ``(N, S, 3·g·D)``.
+    """q, k and v of the heads in ``cols`` from one GEMM over the stacked weight rows: ``(N, S, 3·g·D)`` (or the
+    projections named in ``names``: ``(N, S, len(names)·g·D)``).
 
     One GEMM instead of three (three 80-wide projections cost 1.25x one 240-wide one on CPU, three 320-wide ones
     ~1.05x one 960-wide one). The stacked weights are built once per head group and weight version.
     """
 
-    def __init__(self):
+    def __init__(self, names: tuple[str, ...] = ("to_q", "to_k", "to_v")):
+        self.names = names  # the projections stacked, in order (("to_k", "to_v"): k and v only)
         self._stacked: dict[int, tuple] = {}  # head-group start -> (weights key, stacked q/k/v weight, bias)
 
     def __call__(self, attn, x: torch.Tensor, cols: slice) -> torch.Tensor:
-        projs = (attn.to_q, attn.to_k, attn.to_v)
+        projs = tuple(getattr(attn, name) for name in self.names)
         if not all(plain_linear(p) for p in projs):  # LoRA-wrapped or offloaded: project fully, then slice
             return torch.cat([p(x)[..., cols] for p in projs], dim=-1)
         key = (cols.start, cols.stop, *(weight_key(p.weight) for p in projs))

@@ -111,15 +111,39 @@ def _reference_plan(attn: Attention, x: torch.Tensor, window: int, stride: int, 
     return attn.to_out[0](total)
 
 
-@pytest.mark.parametrize("window, stride, frames", [(12, 5, 40), (16, 4, 30), (8, 8, 24), (6, 4, 19)])
+@pytest.mark.parametrize("window, stride, frames", [(12, 5, 40), (16, 4, 30), (8, 8, 24), (6, 4, 19), (12, 4, 40)])
 @pytest.mark.parametrize("chunk_bytes", [None, 1])
-def test_processor_any_geometry_and_chunking(window, stride, frames, chunk_bytes):
+@pytest.mark.parametrize("grad", [True, False])
+def test_processor_any_geometry_and_chunking(window, stride, frames, chunk_bytes, grad):
     """Windows that are not a multiple of the stride (per-view fold), tails, stride = window, and one row per
-    chunk (chunk_bytes=1) all give the per-view result."""
+    chunk (chunk_bytes=1) all give the per-view result, with autograd (the SDPA path) and without it (the CPU
+    matmul path where the stride divides window and frames, the SDPA path elsewhere)."""
     attn, x = _attention(), _x(5, frames)
     expected = _reference_plan(attn, x, window, stride)
     attn.set_processor(WindowFusedAttnProcessor(window, stride, chunk_bytes=chunk_bytes))
-    assert (attn(x) - expected).abs().max() <= 1e-5
+    with torch.set_grad_enabled(grad):
+        assert (attn(x) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("window, stride, frames", [(16, 4, 64), (12, 4, 40), (8, 8, 24), (16, 4, 20)])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+@pytest.mark.parametrize("bias", [True, False])
+def test_processor_matmul_path(window, stride, frames, chunk_bytes, bias, monkeypatch):
+    """Without autograd on a CPU, views that tile the rows are attended by batched matmuls (no SDPA call at all):
+    the per-view result, with and without projection biases, one or several rows per chunk."""
+    attn, x = _attention(), _x(5, frames)
+    if not bias:
+        for p in (attn.to_q, attn.to_k, attn.to_v):
+            p.bias = None
+    expected = _reference_plan(attn, x, window, stride)
+    attn.set_processor(WindowFusedAttnProcessor(window, stride, chunk_bytes=chunk_bytes))
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("the matmul path must not call SDPA")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", no_sdpa)
+    with torch.inference_mode():
+        assert (attn(x) - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("frames", [30, 64])
