@@ -171,7 +171,8 @@ class BlockFusionHook(ModelHook):
         q, k = qk_norms(attn, q, k)
         out = _short_attention(q, k, v)  # (rows, heads, L, D)
         out = out.transpose(1, 2).reshape(*lead, length, heads * dim).to(q.dtype)  # (…, L, C')
-        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor if attn.rescale_output_factor != 1 else out  # x / 1 == x exactly
 
     def _projection(self, attn, pos_embed, length: int, x: torch.Tensor):
         """``attn``'s stacked q/k/v weight and bias, and ``W·pe[:length]`` (or None), cached per weights/geometry."""

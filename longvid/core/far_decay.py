@@ -149,31 +149,33 @@ def _regions(q, k, v, f: int, nf: int, alpha: float, rule: str, first: str, chun
     flat = torch.empty(bh * min(rows, s) * s, dtype=torch.float32, device=q.device)  # one block's logits
     idx = torch.arange(s, device=q.device)
     lo, hi = near_bounds(idx, f, nf, rule, s)  # (S,) each: near keys of every query
+    bounds = torch.stack([lo, hi]).tolist()  # plain ints for the block loop
     hide_rows, hide_from = hidden_rectangle(f, nf, first)
     slope = 1.0 / alpha
+    heads = list(zip(qs.unbind(0), qa.unbind(0), kt.unbind(0), vf.unbind(0), out.unbind(0)))
     for r0 in range(0, s, rows):
         r1 = min(r0 + rows, s)
         sc = flat[:bh * (r1 - r0) * s].view(bh, r1 - r0, s)  # (BH, c, S), contiguous (the softmax runs in place)
-        a, a1, e0, e = (int(x) for x in (lo[r0], lo[r1 - 1], hi[r0], hi[r1 - 1]))
+        a, a1, e0, e = bounds[0][r0], bounds[0][r1 - 1], bounds[1][r0], bounds[1][r1 - 1]
         far = [(x, y) for x, y in ((0, a), (e, s)) if y > x]  # always-far regions
-        for i in range(bh):  # 2-D GEMMs write column slices in place (a batched out= slice is a copy)
-            torch.mm(qs[i, r0:r1], kt[i, :, a:e], out=sc[i, :, a:e])
+        for (qsi, qai, kti, _, _), sci in zip(heads, sc):  # 2-D GEMMs write column slices in place (a batched
+            torch.mm(qsi[r0:r1], kti[:, a:e], out=sci[:, a:e])  # out= slice would be a copy)
             for x, y in far:
-                torch.mm(qa[i, r0:r1], kt[i, :, x:y], out=sc[i, :, x:y])
+                torch.mm(qai[r0:r1], kti[:, x:y], out=sci[:, x:y])
         for x, y in far:
             F.leaky_relu_(sc[:, :, x:y], slope)
         # mixed slabs [a, a1) and [e0, e) (one when they meet): s + (α − 1)·max(s, 0) where the key is outside
         # the query's own near interval
         for x, y in [(a, e)] if a1 >= e0 else [(a, a1), (e0, e)]:
             if y > x:
-                far = (idx[x:y] < lo[r0:r1, None]) | (idx[x:y] >= hi[r0:r1, None])  # (c, width)
+                outside = (idx[x:y] < lo[r0:r1, None]) | (idx[x:y] >= hi[r0:r1, None])  # (c, width)
                 slab = sc[:, :, x:y]
-                slab.addcmul_(slab.clamp(min=0), far.to(slab.dtype).mul_(alpha - 1))
+                slab.addcmul_(slab.clamp(min=0), outside.to(slab.dtype).mul_(alpha - 1))
         if r0 < hide_rows and hide_from < s:
             sc[:, :min(r1, hide_rows) - r0, hide_from:] = float("-inf")
         torch.ops.aten._softmax.out(sc, -1, False, out=sc)  # in place: safe on a contiguous tensor only
-        for i in range(bh):
-            torch.mm(sc[i], vf[i], out=out[i, r0:r1])
+        for (_, _, _, vfi, outi), sci in zip(heads, sc):
+            torch.mm(sci, vfi, out=outi[r0:r1])
     return out.view(b, h, s, d).to(v.dtype)
 
 
