@@ -288,8 +288,10 @@ def _attend_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
 # 5 % rms): a task costs CALL (the call and its merge), Q × (K + KEY_PAD) pairs (× MASKED with a mask, which the
 # kernel adds to every logit), GATHER_KEY per key and GATHER_QUERY per query that is not in one token run (a
 # gather, and a scatter for the merge). Groups are not halved below MIN_SPLIT queries. Only speed depends on
-# these, never the result.
-CALL, KEY_PAD, MASKED, GATHER_KEY, GATHER_QUERY, MIN_SPLIT = 4096, 32, 1.13, 6, 45, 8
+# these, never the result. CALL was fitted at 4096 on a CPU whose flash kernel ran ~85 GFLOP/s; on one at ~110
+# (AVX-512) a task's ~70 small ops weigh ~16 k pairs, and 16384 took TSA from 0.72x to 0.64x full attention at
+# 81 latent frames (VRPR unchanged).
+CALL, KEY_PAD, MASKED, GATHER_KEY, GATHER_QUERY, MIN_SPLIT = 16384, 32, 1.13, 6, 45, 8
 
 
 def _cost(queries: Tensor, keys: Tensor, masked: bool) -> float:
