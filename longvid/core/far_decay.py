@@ -147,16 +147,14 @@ def _regions(q, k, v, f: int, nf: int, alpha: float, rule: str, first: str, chun
     out = torch.empty(bh, s, d, dtype=torch.float32, device=q.device)
     rows = max(16, chunk_bytes // (4 * s * bh))  # below ~16 rows the GEMMs lose their efficiency
     flat = torch.empty(bh * min(rows, s) * s, dtype=torch.float32, device=q.device)  # one block's logits
-    idx = torch.arange(s, device=q.device)
-    lo, hi = near_bounds(idx, f, nf, rule, s)  # (S,) each: near keys of every query
-    bounds = torch.stack([lo, hi]).tolist()  # plain ints for the block loop
     hide_rows, hide_from = hidden_rectangle(f, nf, first)
     slope = 1.0 / alpha
     heads = list(zip(qs.unbind(0), qa.unbind(0), kt.unbind(0), vf.unbind(0), out.unbind(0)))
     for r0 in range(0, s, rows):
         r1 = min(r0 + rows, s)
         sc = flat[:bh * (r1 - r0) * s].view(bh, r1 - r0, s)  # (BH, c, S), contiguous (the softmax runs in place)
-        a, a1, e0, e = bounds[0][r0], bounds[0][r1 - 1], bounds[1][r0], bounds[1][r1 - 1]
+        lo, hi = near_bounds(torch.arange(r0, r1, device=q.device), f, nf, rule, s)  # (c,) each: the block's
+        (a, a1), (e0, e) = lo[[0, -1]].tolist(), hi[[0, -1]].tolist()  # near keys; their ends, monotone in m
         far = [(x, y) for x, y in ((0, a), (e, s)) if y > x]  # always-far regions
         for (qsi, qai, kti, _, _), sci in zip(heads, sc):  # 2-D GEMMs write column slices in place (a batched
             torch.mm(qsi[r0:r1], kti[:, a:e], out=sci[:, a:e])  # out= slice would be a copy)
@@ -168,7 +166,8 @@ def _regions(q, k, v, f: int, nf: int, alpha: float, rule: str, first: str, chun
         # the query's own near interval
         for x, y in [(a, e)] if a1 >= e0 else [(a, a1), (e0, e)]:
             if y > x:
-                outside = (idx[x:y] < lo[r0:r1, None]) | (idx[x:y] >= hi[r0:r1, None])  # (c, width)
+                keys = torch.arange(x, y, device=q.device)
+                outside = (keys < lo[:, None]) | (keys >= hi[:, None])  # (c, width)
                 slab = sc[:, :, x:y]
                 slab.addcmul_(slab.clamp(min=0), outside.to(slab.dtype).mul_(alpha - 1))
         if r0 < hide_rows and hide_from < s:
