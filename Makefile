@@ -13,9 +13,11 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/longvid generate --recipe demo --out outputs/ --overwrite
 
-## Run the whole test suite.
+## Run the whole test suite: two worker processes (the tests run one CPU thread each; work-stealing keeps
+## the long subprocess tests from queueing behind one another). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 ## CPU benchmarks (minutes); numbers go to docs/benchmarks.md.
 bench: $(VENV)/.installed
