@@ -78,7 +78,9 @@ def far_decay_attention(q: Tensor, k: Tensor, v: Tensor, *, tokens_per_frame: in
     block of query rows, one GEMM per key region, the rule folded into the far regions' GEMM, in-place softmax;
     :func:`_regions`); ``chunked`` (exact blocked attention from differentiable ops, for autograd); ``auto`` =
     flex on CUDA, else regions, or chunked when a gradient is needed. ``chunk_bytes`` bounds the logits held
-    at a time (default: 8 MiB for regions, so a block stays in cache; 64 MiB for chunked).
+    at a time (default: 16 MiB for regions — ~250 query rows at 2 heads: the GEMMs' efficiency grows with the
+    rows while the block's softmax still runs from cache; measured 8 / 16 / 32 / 64 MiB = 1.32 / 1.26 / 1.28 /
+    1.32× full attention at 81 latent frames on an AVX2 CPU — 64 MiB for chunked).
     """
     if center_k:
         k = k - k.mean(dim=2, keepdim=True)  # SageAttention's smooth_k, as the official kernel scores
@@ -88,7 +90,7 @@ def far_decay_attention(q: Tensor, k: Tensor, v: Tensor, *, tokens_per_frame: in
     if backend == "flex":
         return _flex(q, k, v, tokens_per_frame, train_frames, alpha, rule, first_frame)
     if backend == "regions":
-        return _regions(q, k, v, tokens_per_frame, train_frames, alpha, rule, first_frame, chunk_bytes or 8 << 20)
+        return _regions(q, k, v, tokens_per_frame, train_frames, alpha, rule, first_frame, chunk_bytes or 16 << 20)
     if backend != "chunked":
         raise ValueError(f"backend must be 'auto', 'flex', 'regions' or 'chunked', got {backend!r}")
     b, h, s, d = q.shape
