@@ -8,7 +8,8 @@ its own branch's rotation. :func:`branch_attention` computes that exactly on any
 - **blocked** (CPU): a per-geometry *plan* of tasks, each a set of queries, a set of keys and, only where the
   branch's membership predicate (the same pure function the geometry tests check) is not all-true on that
   rectangle, an additive mask. Every task is one fused CPU flash-attention call, which returns its log-sum-exp;
-  the tasks' outputs are merged online by those (as flash attention merges its tiles), so no S × S mask or
+  the tasks' outputs are merged by those per segment of the plan (a few whole-segment ops: per-query maxima,
+  weights, two ``index_add_``) and the segments folded as flash attention folds its tiles, so no S × S mask or
   score matrix is ever built and masked-out logits are scored only inside the masked rectangles. The planner
   peels each query group's all-member key columns into an unmasked task (contiguous key runs are slices, not
   gathers) and halves the rest while a cost model says the saved masked logits pay for the extra call; query
@@ -214,58 +215,88 @@ def _take(x: Tensor, sel: slice | Tensor) -> Tensor:
     return x.flatten(0, 1).index_select(1, sel).unflatten(0, x.shape[:2])
 
 
-def _put(x: Tensor, sel: Tensor, value: Tensor) -> None:
-    """``x[:, :, sel] = value`` for a contiguous ``x`` (the 3-D view, as :func:`_take`)."""
-    x.flatten(0, 1).index_copy_(1, sel, value.flatten(0, 1))
-
-
-# The running log-sum-exp starts here: finite, so folding in an empty row (−inf) never computes −inf − (−inf),
-# and exp(_FLOOR − lse) = 0 for any real log-sum-exp (a query's first task replaces the zero output outright).
+# Per-token maxima start here: finite, so a token whose parts are all empty (log-sum-exp −inf) never computes
+# −inf − (−inf), and exp(_FLOOR − m) = 0 for any real maximum m.
 _FLOOR = -1e30
+#: Bytes of task outputs held before they are merged (a segment of the plan; bounds the extra memory).
+SEGMENT_BYTES = 16 << 20
 
 
-def _run(plan: list[Task], pairs: list[tuple[Tensor, Tensor]], v: Tensor, scale: float) -> Tensor:
-    """Every task as one CPU flash-attention call (normalised output and log-sum-exp), merged online per query
-    as flash attention merges its tiles: ``out ← out·e^(lse−new) + part·e^(part_lse−new)``, ``new`` = their
-    log-add-exp. A query no task holds keeps output 0."""
+def _run(plan: Plan, pairs: list[tuple[Tensor, Tensor]], v: Tensor, scale: float) -> Tensor:
+    """Every task as one CPU flash-attention call (normalised output and log-sum-exp); the calls' outputs are
+    merged per query by their log-sum-exps in a few whole-segment ops instead of ~10 small ones after each
+    call: in a segment of tasks whose outputs fit ``SEGMENT_BYTES``, a part row weighs ``exp(lse − m)`` with
+    ``m`` its query's largest log-sum-exp in the segment, and the query's weighted sum and total weight are two
+    ``index_add_``; segments fold into the running (sum, weight, max) as flash attention folds its tiles.
+    Output = sum / weight (a query no task holds keeps output 0)."""
     n_, heads, seq, dim = v.shape
     vf = v.float().contiguous()
-    out = torch.zeros(n_, heads, seq, dim, dtype=torch.float32, device=v.device)
-    lse = torch.full((n_, heads, seq, 1), _FLOOR, dtype=torch.float32, device=v.device)  # (…, 1): broadcasts on D
+    nh = n_ * heads
+    total = torch.zeros(seq, nh, dim, dtype=torch.float32, device=v.device)  # Σ exp(lse − m)·part, token-major
+    weight = torch.zeros(seq, nh, dtype=torch.float32, device=v.device)  # Σ exp(lse − m)
+    top = torch.full((seq, nh), _FLOOR, dtype=torch.float32, device=v.device)  # m
+    for tasks, rows, empty, (lo, hi) in _segments(plan, nh * dim * 4):
+        rows, empty = rows.to(v.device), None if empty is None else empty.to(v.device)  # rows: tokens − lo
+        parts, lses = [], []
+        for task in tasks:
+            if v.device.type != "cpu":  # plans live on the CPU
+                task = Task(task.branch, *(t.to(v.device) if isinstance(t, Tensor) else t for t in task[1:]))
+            qb, kb = pairs[task.branch]
+            part, part_lse = _attend(_take(qb, task.queries), _take(kb, task.keys), _take(vf, task.keys),
+                                     task.mask, scale)
+            parts.append(part.flatten(0, 1).transpose(0, 1))  # (Q, N·h, D)
+            lses.append(part_lse.flatten(0, 1).transpose(0, 1))  # (Q, N·h)
+        part, lse = torch.cat(parts), torch.cat(lses)  # (R, N·h, D), (R, N·h): one row per (task, query)
+        del parts, lses
+        if empty is not None:  # the kernel's rows without a key (output 0, log-sum-exp 0): they weigh nothing
+            lse.masked_fill_(empty[:, None], float("-inf"))
+        span = slice(lo, hi)  # the segment's queries lie in [lo, hi): the folds touch only those tokens
+        peak = torch.full((hi - lo, nh), _FLOOR, dtype=torch.float32, device=v.device)
+        peak.scatter_reduce_(0, rows[:, None].expand(-1, nh), lse, "amax")  # per query and head
+        lse.sub_(peak.index_select(0, rows)).exp_()  # (R, N·h): each part row's weight
+        part.mul_(lse.unsqueeze(-1))
+        new = torch.maximum(top[span], peak)
+        keep, take = top[span].sub_(new).exp_(), peak.sub_(new).exp_()  # top[span] is reset to ``new`` below
+        total[span].mul_(keep.unsqueeze(-1)).addcmul_(
+            torch.zeros(hi - lo, nh, dim, device=v.device).index_add_(0, rows, part), take.unsqueeze(-1))
+        weight[span].mul_(keep).addcmul_(torch.zeros(hi - lo, nh, device=v.device).index_add_(0, rows, lse), take)
+        top[span] = new
+    out = total.div_(weight.masked_fill_(weight == 0, 1.0).unsqueeze(-1))  # (S, N·h, D)
+    return out.transpose(0, 1).reshape(n_, heads, seq, dim)
+
+
+def _segments(plan: Plan, row_bytes: int) -> list[tuple[list[Task], Tensor, Tensor | None, tuple[int, int]]]:
+    """The plan cut into runs of tasks whose output rows (``row_bytes`` each) fit ``SEGMENT_BYTES``: each with
+    its rows' query tokens minus the segment's first (R,), the rows' empty flags (R,) (None when none is
+    empty) and the token range ``[lo, hi)`` of its queries; kept on the plan per row size."""
+    cached = plan.__dict__.setdefault("segments", {})
+    limit = max(1, SEGMENT_BYTES // row_bytes)
+    if limit in cached:
+        return cached[limit]
+    every = torch.arange(max((_span([t.queries])[1] for t in plan), default=0))
+    out, run, rows, flags = [], [], [], []
+
+    def close():
+        tokens = torch.cat(rows)
+        lo, hi = int(tokens.min()), int(tokens.max()) + 1
+        empty = torch.cat(flags) if any(t.empty is not None for t in run) else None
+        out.append((list(run), tokens - lo, empty, (lo, hi)))
+        run.clear(), rows.clear(), flags.clear()
+
+    count = 0
     for task in plan:
-        _step(task, pairs, vf, out, lse, scale)
+        q = every[task.queries]
+        if run and count + q.numel() > limit:
+            close()
+            count = 0
+        run.append(task)
+        rows.append(q)
+        flags.append(task.empty if task.empty is not None else torch.zeros(q.numel(), dtype=torch.bool))
+        count += q.numel()
+    if run:
+        close()
+    cached[limit] = out
     return out
-
-
-def _step(task: Task, pairs: list[tuple[Tensor, Tensor]], v: Tensor, out: Tensor, lse: Tensor, scale: float) -> None:
-    """One task: its attention with log-sum-exp, folded into the running (out, lse)."""
-    if out.device.type != "cpu":  # plans live on the CPU
-        task = Task(task.branch, *(t.to(out.device) if isinstance(t, Tensor) else t for t in task[1:]))
-    qb, kb = pairs[task.branch]
-    part, part_lse = _attend(_take(qb, task.queries), _take(kb, task.keys), _take(v, task.keys), task.mask, scale)
-    part_lse = part_lse.unsqueeze(-1)  # (N, h, Q, 1)
-    if task.empty is not None:  # the kernel's rows without a key: output 0, log-sum-exp −inf (it returns 0)
-        empty = task.empty.unsqueeze(-1)
-        part = part.masked_fill(empty, 0.0)
-        part_lse = part_lse.masked_fill(empty, float("-inf"))
-    if isinstance(task.queries, slice):
-        _merge(_take(out, task.queries), _take(lse, task.queries), part, part_lse)
-    else:
-        idx = task.queries
-        oq, lq = _take(out, idx), _take(lse, idx)
-        _merge(oq, lq, part, part_lse)
-        _put(out, idx, oq)
-        _put(lse, idx, lq)
-
-
-def _merge(out: Tensor, lse: Tensor, part: Tensor, part_lse: Tensor) -> None:
-    """Fold one task's (normalised output, log-sum-exp (…, 1)) into the running (output, log-sum-exp), in place
-    (``part_lse`` is overwritten)."""
-    new = torch.logaddexp(lse, part_lse)
-    keep = lse.sub_(new).exp_()  # lse holds the old weight until it is set to ``new`` below
-    take = part_lse.sub_(new).exp_()  # 0 where the task's row is empty (−inf)
-    out.mul_(keep).addcmul_(part, take)
-    lse.copy_(new)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:

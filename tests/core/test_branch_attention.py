@@ -244,6 +244,38 @@ def test_queries_without_keys_give_zero(setup):
     assert any(t.empty is not None for t in plan)  # the empty-row path ran
 
 
+@pytest.mark.parametrize("segment_bytes", [1, 60_000, 1 << 30])
+@pytest.mark.parametrize("case", ["empty rows", "tsa"])
+def test_segments_merge_like_one(setup, monkeypatch, segment_bytes, case):
+    """The task outputs are merged per segment of the plan (``SEGMENT_BYTES``) and the segments folded into a
+    running sum: one task per segment, a few, and the whole plan in one all give the union softmax, with a
+    query's parts split across segments, empty rows (query 0 has no key) and gathered queries (TSA's
+    stripes)."""
+    grid = GRID if case == "empty rows" else (21, 8, 13)  # P = 104: stripe tiles of part of a frame
+    rotary, q, k, v = setup if case == "empty rows" else make(grid, seed=5)
+    seq = q.shape[2]
+    same = lambda frames: (frames, frames)  # noqa: E731
+    shifted = lambda frames: (frames + 3, frames)  # noqa: E731
+    branches = [Branch(same, lambda m, n: (n < m) & (m - n <= 37), band(-37, -1, seq)),
+                Branch(shifted, lambda m, n: m - n > 37, band(-seq, -38, seq))] if case == "empty rows" else \
+        tsa_branches(grid, round_to=9)
+    ref = branch_attention_reference(q, k, v, rotary, branches, grid)
+    monkeypatch.setattr(ba, "SEGMENT_BYTES", segment_bytes)
+    plan = ba._plan(branches, seq, 50, 256 << 20, None)
+    row = q.shape[0] * q.shape[1] * q.shape[3] * 4
+    segments = ba._segments(plan, row)
+    assert [t for tasks, *_ in segments for t in tasks] == list(plan)
+    assert len(segments) == {1: len(plan), 60_000: len(segments), 1 << 30: 1}[segment_bytes]
+    assert 1 < len(segments) < len(plan) or segment_bytes != 60_000
+    assert ba._segments(plan, row) is segments  # kept on the plan
+    assert any(t.empty is not None for t in plan)  # rows without a key in some task
+    assert any(not isinstance(t.queries, slice) for t in plan) == (case == "tsa")
+    out = branch_attention(q, k, v, rotary, branches, grid, block=50)
+    if case == "empty rows":
+        assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
+    assert (out.double() - ref).abs().max() <= 2e-6
+
+
 def test_plan_cache_kept_reused_and_bounded(setup):
     rotary, q, k, v = setup
     branches = tsa_branches(GRID, round_to=1)
