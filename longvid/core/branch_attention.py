@@ -219,7 +219,7 @@ def _take(x: Tensor, sel: slice | Tensor) -> Tensor:
 # −inf − (−inf), and exp(_FLOOR − m) = 0 for any real maximum m.
 _FLOOR = -1e30
 #: Bytes of task outputs held before they are merged (a segment of the plan; bounds the extra memory).
-SEGMENT_BYTES = 16 << 20
+SEGMENT_BYTES = 8 << 20
 
 
 def _run(plan: Plan, pairs: list[tuple[Tensor, Tensor]], v: Tensor, scale: float) -> Tensor:
@@ -237,17 +237,19 @@ def _run(plan: Plan, pairs: list[tuple[Tensor, Tensor]], v: Tensor, scale: float
     top = torch.full((seq, nh), _FLOOR, dtype=torch.float32, device=v.device)  # m
     for tasks, rows, empty, (lo, hi) in _segments(plan, nh * dim * 4):
         rows, empty = rows.to(v.device), None if empty is None else empty.to(v.device)  # rows: tokens − lo
-        parts, lses = [], []
+        part = torch.empty(rows.numel(), nh, dim, dtype=torch.float32, device=v.device)  # one row per (task, query)
+        lse = torch.empty(rows.numel(), nh, dtype=torch.float32, device=v.device)
+        r = 0
         for task in tasks:
             if v.device.type != "cpu":  # plans live on the CPU
                 task = Task(task.branch, *(t.to(v.device) if isinstance(t, Tensor) else t for t in task[1:]))
             qb, kb = pairs[task.branch]
-            part, part_lse = _attend(_take(qb, task.queries), _take(kb, task.keys), _take(vf, task.keys),
-                                     task.mask, scale)
-            parts.append(part.flatten(0, 1).transpose(0, 1))  # (Q, N·h, D)
-            lses.append(part_lse.flatten(0, 1).transpose(0, 1))  # (Q, N·h)
-        part, lse = torch.cat(parts), torch.cat(lses)  # (R, N·h, D), (R, N·h): one row per (task, query)
-        del parts, lses
+            out, out_lse = _attend(_take(qb, task.queries), _take(kb, task.keys), _take(vf, task.keys), task.mask,
+                                   scale)  # (N, h, Q, D), (N, h, Q)
+            q = out.shape[2]
+            part[r:r + q] = out.flatten(0, 1).transpose(0, 1)
+            lse[r:r + q] = out_lse.flatten(0, 1).transpose(0, 1)
+            r += q
         if empty is not None:  # the kernel's rows without a key (output 0, log-sum-exp 0): they weigh nothing
             lse.masked_fill_(empty[:, None], float("-inf"))
         span = slice(lo, hi)  # the segment's queries lie in [lo, hi): the folds touch only those tokens
