@@ -43,7 +43,6 @@ class WindowFusedAttnProcessor:
         self._positions: dict[tuple, tuple] = {}  # (len, dtype, device, weight versions) -> projected W·pe
         self._weights: tuple = (None, None)  # (plan views, regular count, device, dtype) -> (V, L, 1) weights
         self._qkv = StackedQKV()
-        self._kv = StackedQKV(("to_k", "to_v"))
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
@@ -81,9 +80,8 @@ class WindowFusedAttnProcessor:
 
     def _uses_matmul_core(self, attn, x: torch.Tensor, plan: FusionPlan) -> bool:
         """Whether :meth:`_matmul_fused_attention` runs: on a CPU, without autograd (its products write into
-        buffers), for plain q/k/v linears of one width without q/k norms or ``pos_embed`` (it projects q itself,
-        transposed), and when the views tile the rows (``stride`` divides ``window`` and ``F``: no tail view).
-        Anything else, and every GPU, takes the SDPA path (:meth:`_fused_attention`)."""
+        buffers), for plain q/k/v linears of one width without q/k norms or ``pos_embed``, and when the views
+        tile the rows (``stride`` divides ``window`` and ``F``: no tail view). Anything else, and every GPU, takes the SDPA path (:meth:`_fused_attention`)."""
         projections = (attn.to_q, attn.to_k, attn.to_v)
         return (x.device.type == "cpu" and not torch.is_grad_enabled() and self.pos_embed is None
                 and len(plan.views) > 1 and self.window % self.stride == 0 and x.shape[1] % self.stride == 0
@@ -91,17 +89,14 @@ class WindowFusedAttnProcessor:
                 and len({p.out_features for p in projections}) == 1)
 
     def _project_for_matmul(self, attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q transposed, ``(h, D, N, F)``, from its own GEMM, and k, v ``(N, h, F, D)`` (strided views) from one
-        stacked GEMM. The views' scores are taken as ``K Qᵀ`` (:meth:`_attend_views`); a batched small GEMM reads
-        its second operand ~1.6x faster row-major, which for ``Qᵀ`` is this layout (transposing q afterwards
-        costs a pass over it: the measured gain then vanished)."""
-        n, frames, channels = x.shape
-        w, b = attn.to_q.weight, attn.to_q.bias
-        cols = x.reshape(n * frames, channels).t()  # (C, N·F)
-        q_t = torch.mm(w, cols) if b is None else torch.addmm(b[:, None], w, cols)  # (h·D, N·F)
-        kv = self._kv(attn, x, slice(0, w.shape[0])).view(n, frames, 2, attn.heads, -1)  # (N, F, 2, h, D)
-        k, v = (kv[:, :, i].transpose(1, 2) for i in range(2))
-        return q_t.view(attn.heads, -1, n, frames), k, v
+        """q transposed, ``(h, D, N, F)``, and k, v ``(N, h, F, D)``: strided views of the three projections
+        computed exactly as full attention computes them (``AttnProcessor2_0``: one GEMM each, row-major), so
+        the layer differs from full attention only in its core. Measured alternatives, one thread: a stacked
+        k/v GEMM and q's own transposed GEMM (``W·Xᵀ``) were 5–15 % slower per projection on an AVX2 CPU than
+        three row-major ones, and the core reading q transposed costs ~10 % of one score product."""
+        n, frames, _ = x.shape
+        q, k, v = (p(x).view(n, frames, attn.heads, -1) for p in (attn.to_q, attn.to_k, attn.to_v))  # (N, F, h, D)
+        return q.permute(2, 3, 0, 1), k.transpose(1, 2), v.transpose(1, 2)
 
     def _fused_attention(self, attn, q, k, v, plan: FusionPlan, pos) -> torch.Tensor:
         """Attention within each view, weight-averaged per frame. q/k/v ``(N, h, F, D)`` -> ``(N, h, F, D)``.
@@ -151,8 +146,9 @@ class WindowFusedAttnProcessor:
         Why not SDPA: its CPU flash kernel spends ~1.5 µs per 16×16 problem, more than the problem's arithmetic.
         Rows are flattened into one frame axis, so the views of a chunk of rows are one strided ``unfold`` (one
         matmul batch per head, no copies) that also holds ``window/stride - 1`` slots per row whose frames run
-        into the next row; their outputs are zeroed. Every slot then has the same shape, and the fold is one sum
-        over a strided view of the slots (:func:`_fold_slots`) instead of a weighted add per view part.
+        into the next row; their weight is 0, so their outputs are zeros without a pass of their own. Every slot
+        then has the same shape, and the fold is one sum over a strided view of the slots (:func:`_fold_slots`)
+        instead of a weighted add per view part.
         """
         heads, dim, n, frames = q_t.shape
         length, stride = self.window, self.stride
@@ -160,7 +156,8 @@ class WindowFusedAttnProcessor:
         slots = frames // stride  # view slots per row: the regular views, then the ones crossing into the next row
         pad = length // stride - 1
         weights = self._view_weights(plan, regular, q_t.device, q_t.dtype).view(regular, 1, length)  # (V, 1, Lq)
-        out = q_t.new_empty(n, frames, heads, dim)
+        weights = torch.cat([weights, weights.new_zeros(slots - regular, 1, length)])  # (slots, 1, Lq)
+        out = q_t.new_empty(n, frames, heads, dim)  # (N, F, h, D)
         step = min(n, max(1, self._budget(q_t) // (heads * slots * length * dim * q_t.element_size())))
         # buffers reused by every chunk (fresh ones per chunk page-faulted on every first write): per head, `pad`
         # zero slots, then the chunk's slots; and one head's scores
@@ -174,16 +171,16 @@ class WindowFusedAttnProcessor:
             for h in range(heads):
                 dest = attended[h, pad:]  # (n·slots, L, D)
                 self._attend_views(q_t[h, :, rows], k[rows, h], v[rows, h], weights, dest, scores)
-                dest.view(count, slots, length, dim)[:, regular:].zero_()  # slots that cross rows (and the last pad)
-            out[rows] = _fold_slots(attended, stride, pad).view(heads, count, frames, dim).permute(1, 2, 0, 3)
+            # every head's fold sums straight into the chunk's contiguous (n·F/S, S, h, D) output: no copy
+            _fold_slots(attended, stride, pad, out=out[rows].view(-1, stride, heads, dim))
         return out
 
     def _attend_views(self, q_t, k, v, weights, dest, scores) -> None:
         """Weighted attention of every view slot of a chunk of rows, for one head, into ``dest``.
 
-        ``q_t`` ``(D, n, F)``, k/v ``(n, F, D)``, ``weights`` ``(V, 1, L)``, ``dest`` ``(n·slots, L, D)``;
-        ``scores`` is a buffer of at least ``n·slots`` ``(L, L)`` matrices. Slot ``r·slots + v`` of ``dest`` gets
-        ``weights[v] · attention(view v of row r)`` for the regular views ``v``.
+        ``q_t`` ``(D, n, F)``, k/v ``(n, F, D)``, ``weights`` ``(slots, 1, L)`` (0 for the slots crossing rows),
+        ``dest`` ``(n·slots, L, D)``; ``scores`` is a buffer of at least ``n·slots`` ``(L, L)`` matrices. Slot
+        ``r·slots + v`` of ``dest`` gets ``weights[v] · attention(view v of row r)``: 0 for the crossing slots.
         Scores are kept transposed, ``(keys, queries)``: the softmax over a non-last axis and the product with a
         transposed probability operand both measured faster than the row-major forms at 16 frames. The view
         weights (one per query) scale the probabilities, ``window`` values per query instead of ``D``."""
@@ -195,9 +192,9 @@ class WindowFusedAttnProcessor:
         s = scores[:keys.shape[0]]  # the last row's crossing slots have no frames to attend
         torch.baddbmm(s, keys, queries, beta=0, alpha=dim ** -0.5, out=s)  # K Qᵀ / √D
         torch.ops.aten._softmax.out(s, 1, False, out=s)  # over the keys
-        regular = weights.shape[0]
-        scores.view(n, -1, length, length)[:, :regular].mul_(weights)
+        scores.view(n, -1, length, length).mul_(weights)  # the last row's uncomputed slots are never read
         torch.bmm(s.transpose(1, 2), values, out=dest[:keys.shape[0]])  # (B, Lq, D)
+        dest[keys.shape[0]:].zero_()  # the last row's crossing slots, with no frames to attend
 
     def _budget(self, q: torch.Tensor) -> int:
         # None: 4 MiB on a CPU, where the chunk's views then stay in cache (measured at F = 128/256: a 16 MiB
@@ -289,8 +286,9 @@ class WindowFusedAttnProcessor:
             )
 
 
-def _fold_slots(attended: torch.Tensor, stride: int, pad: int) -> torch.Tensor:
-    """Per frame block, the sum of the view slots covering it: ``(h, pad + B, L, D) -> (h, B, stride, D)``.
+def _fold_slots(attended: torch.Tensor, stride: int, pad: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per frame block, the sum of the view slots covering it: ``(h, pad + B, L, D) -> (B, stride, h, D)``
+    (into ``out`` when given: the frame-major layout the output projection reads, so no transposing copy).
 
     Block ``b`` (``stride`` frames) is covered by part ``j`` of slot ``b - j`` for ``j < L/stride``; slot ``u``
     sits at index ``u + pad`` (``pad = L/stride - 1`` zero slots first, so the first blocks read zeros). Part
@@ -300,11 +298,11 @@ def _fold_slots(attended: torch.Tensor, stride: int, pad: int) -> torch.Tensor:
     heads, total, length, dim = attended.shape
     blocks = total - pad
     view = attended.as_strided(
-        (heads, blocks, pad + 1, stride, dim),  # (h, B, parts, S, D)
-        (attended.stride(0), length * dim, (length - stride) * dim, dim, 1),
+        (blocks, pad + 1, stride, heads, dim),  # (B, parts, S, h, D)
+        (length * dim, (length - stride) * dim, dim, attended.stride(0), 1),
         attended.storage_offset() + (length - stride) * dim,
     )
-    return view.sum(2)
+    return view.sum(1) if out is None else torch.sum(view, 1, out=out)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
