@@ -35,6 +35,11 @@ step at 2x and 4x the trained length, each method against vanilla at the same le
 ``ultravico-321``, ``riflex-321`` (a table edit: its step should cost vanilla's) and ``ntk-161``;
 ``freeloc-161`` and ``ultravico-161`` above are the 2x methods. ``--cases all`` runs every case.
 
+The kernel choices (``--cases kernels``, not in the default run: ``scripts/gpu/kernels.py``, a few minutes): every
+candidate GPU path of FreeNoise's per-layer windows and FreeLong's local branch (SDPA backends, row-chunk
+budgets, query frames per call, a compiled flex block mask) timed side by side, written to ``kernels.json``
+beside the smoke JSON.
+
 Reading the numbers (one table row per stage; the JSON has every step and the sidecar's stage timings): each
 stage's schedule has ``--steps N`` steps, of which the refine stage runs the last int(0.7 N). ``first s`` is a
 stage's first denoising step (kernel selection and allocator warm-up included), ``s/step`` the median of its
@@ -287,9 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     groups_of = {"long": list(LONG_CASES), "all": list(CASES + LONG_CASES)}
     names = [n for c in (args.cases.split(",") if args.cases else CASES) for n in groups_of.get(c, [c])]
+    kernels = "kernels" in names
+    names = [n for n in names if n != "kernels"]
     unknown = [n for n in names if n not in CASES + LONG_CASES]
     if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES + LONG_CASES)}, long, all")
+        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES + LONG_CASES)}, long, all, "
+                     "kernels")
     if not args.tiny and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (use --tiny for the CPU check)")
     out = args.out or Path(os.environ.get("OUT") or ".") / "smoke.json"
@@ -353,9 +361,19 @@ def main(argv: list[str] | None = None) -> int:
         del adapter, pipe, denoiser, first_module, clock
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print("\n" + table(report["cases"]))
-    failed = [r["case"] for r in report["cases"] if "error" in r or not r.get("finite")]
-    print(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'all cases ok'}; JSON: {out}")
+    failed = []
+    if report["cases"]:
+        print("\n" + table(report["cases"]))
+        failed = [r["case"] for r in report["cases"] if "error" in r or not r.get("finite")]
+        print(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'all cases ok'}; JSON: {out}")
+    if kernels:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("longvid_gpu_kernels", Path(__file__).with_name("kernels.py"))
+        kernel_choices = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(kernel_choices)
+        if kernel_choices.main((["--tiny"] if args.tiny else []) + ["--out", str(out.with_name("kernels.json"))]):
+            failed.append("kernels")
     return 1 if failed else 0
 
 
