@@ -20,7 +20,7 @@ def _run(script: str, *args):
 
 
 def _check(report: dict) -> None:
-    assert report["mode"] == "tiny" and report["rounds"] == 2 and set(report["sections"]) == {"windows", "freelong"}
+    assert report["mode"] == "tiny" and report["rounds"] == 2 and set(report["sections"]) == {"windows", "block", "freelong"}
     for name, results in report["sections"].items():
         for result in results:
             rows = {r["candidate"]: r for r in result["rows"]}
@@ -40,8 +40,9 @@ def _check(report: dict) -> None:
             assert result["winner"] == min(exact, key=lambda r: r["median_s"])["candidate"], name
             assert result["winner_speedup_vs_default"] == default["median_s"] / rows[result["winner"]]["median_s"]
             assert result["winner_vs_yardstick"] > 0
-    windows = report["sections"]["windows"][0]
-    assert windows["frames"] == 32 and len(windows["rows"]) == 2 * 5 + 1  # 2 budgets x 5 backends + yardstick
+    for name in ("windows", "block"):
+        result = report["sections"][name][0]
+        assert result["frames"] == 32 and len(result["rows"]) == 2 * 5 + 1  # 2 budgets x 5 backends + yardstick
     freelong = {r["candidate"]: r for r in report["sections"]["freelong"][0]["rows"]}
     # the CPU has no efficient / cuDNN SDPA kernels: recorded as errors; the flex block mask is exact
     assert "error" in freelong["sdpa per 1 frame(s), cudnn"] and freelong["flex block mask"]["ok"]
@@ -61,7 +62,7 @@ def test_smoke_runs_the_kernel_choices(tmp_path):
     proc = _run("smoke.py", "--tiny", "--cases", "kernels", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "kernels.json").read_text())
-    assert report["mode"] == "tiny" and set(report["sections"]) == {"windows", "freelong"}
+    assert report["mode"] == "tiny" and set(report["sections"]) == {"windows", "block", "freelong"}
 
 
 def test_bad_arguments_are_refused():

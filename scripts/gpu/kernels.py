@@ -1,6 +1,6 @@
 """GPU kernel choices for FreeNoise and FreeLong, measured side by side: one command on a lent device.
 
-    python scripts/gpu/kernels.py [--tiny] [--rounds N] [--sections windows,freelong] [--out FILE.json]
+    python scripts/gpu/kernels.py [--tiny] [--rounds N] [--sections windows,block,freelong] [--out FILE.json]
 
 On the CPU longvid keeps its exact paths (chosen by the CPU benchmarks in ``scripts/bench``); on a GPU the
 defaults (SDPA's own backend choice, 256 MiB row chunks, one SDPA call per block of query frames) were set
@@ -18,7 +18,11 @@ this script working):
    a 512×512 video), F = 64 and 128: row-chunk budgets 64 / 256 (default) / 1024 MiB × SDPA backends
    (default, flash, efficient, cuDNN, math). Full attention (``AttnProcessor2_0``) is timed as the yardstick
    (issue goal: windows no slower than full attention), not as a candidate.
-2. ``freelong`` — FreeLong's local branch (``windowed_attention``, the part of ``SpectralBlendAttention`` whose
+2. ``block`` — FreeNoise block fusion (``apply_block_fusion``, window 16, stride 4, the default) on an
+   AnimateDiff motion-module block (diffusers ``BasicTransformerBlock(320, 8 heads × 40)``, two self-attentions,
+   sinusoidal positions), same rows and F: row-chunk budgets 64 / 256 (default) / 1024 MiB × SDPA backends; the
+   vanilla block over all F frames (positions extended) as the yardstick (issue goal: a step ≤ 1.2× vanilla).
+3. ``freelong`` — FreeLong's local branch (``windowed_attention``, the part of ``SpectralBlendAttention`` whose
    GPU form is open) on Wan 2.1 1.3B's full layout at 161 frames (41 latent frames × 1560 tokens, 12 heads ×
    128, window 21 latent frames): query frames per SDPA call 1 (default) / 2 / 4 × backends, and one compiled
    ``flex_attention`` call on a frame-window block mask; the global branch (one full SDPA) as the yardstick.
@@ -140,6 +144,42 @@ def windows_section(size: dict, rounds: int, device: torch.device, dtype: torch.
     return results
 
 
+def block_section(size: dict, rounds: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from longvid.core.block_fusion import apply_block_fusion
+
+    heads, channels = size["heads"], size["channels"]
+    torch.manual_seed(0)
+    # the sinusoidal table has no weights: one long enough for vanilla; block fusion reads its first 16 rows
+    block = BasicTransformerBlock(channels, heads, channels // heads, double_self_attention=True,
+                                  positional_embeddings="sinusoidal",
+                                  num_positional_embeddings=max(size["frames"])).to(device, dtype).eval()
+    fused = BasicTransformerBlock(channels, heads, channels // heads, double_self_attention=True,
+                                  positional_embeddings="sinusoidal",
+                                  num_positional_embeddings=max(size["frames"])).to(device, dtype).eval()
+    fused.load_state_dict(block.state_dict())
+    hook = apply_block_fusion(fused, 16, 4).hook
+    results = []
+    for frames in size["frames"]:
+        x = torch.randn(size["rows"], frames, channels, device=device, dtype=dtype,
+                        generator=torch.Generator(device).manual_seed(frames))
+
+        def run(mib: int) -> torch.Tensor:
+            hook.chunk_bytes = mib << 20
+            return fused(x)
+
+        candidates = {f"block fusion {mib} MiB, {backend}": _with_backend(backend, lambda mib=mib: run(mib))
+                      for mib in size["budgets_mib"] for backend in BACKENDS}
+        candidates["vanilla block (yardstick)"] = lambda: block(x)
+        with torch.inference_mode():
+            rows = measure(candidates, "block fusion 256 MiB, default", rounds, device, dtype)
+        yard = next(r for r in rows if r["candidate"].startswith("vanilla"))
+        yard["ok"] = False
+        results.append({"frames": frames, "rows": rows, **_verdict(rows, "block fusion 256 MiB, default", yard)})
+    return results
+
+
 def freelong_section(size: dict, rounds: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
     import torch.nn.functional as F
 
@@ -217,7 +257,7 @@ def table(section: str, result: dict) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"windows": windows_section, "freelong": freelong_section}
+SECTIONS = {"windows": windows_section, "block": block_section, "freelong": freelong_section}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ step at 2x and 4x the trained length, each method against vanilla at the same le
 ``freeloc-161`` and ``ultravico-161`` above are the 2x methods. ``--cases all`` runs every case.
 
 The kernel choices (``--cases kernels``, not in the default run: ``scripts/gpu/kernels.py``, a few minutes): every
-candidate GPU path of FreeNoise's per-layer windows and FreeLong's local branch (SDPA backends, row-chunk
+candidate GPU path of FreeNoise's per-layer windows and block fusion and of FreeLong's local branch (SDPA backends, row-chunk
 budgets, query frames per call, a compiled flex block mask) timed side by side, written to ``kernels.json``
 beside the smoke JSON.
 
