@@ -35,10 +35,10 @@ step at 2x and 4x the trained length, each method against vanilla at the same le
 ``ultravico-321``, ``riflex-321`` (a table edit: its step should cost vanilla's) and ``ntk-161``;
 ``freeloc-161`` and ``ultravico-161`` above are the 2x methods. ``--cases all`` runs every case.
 
-The kernel choices (``--cases kernels``, not in the default run: ``scripts/gpu/kernels.py``, a few minutes): every
-candidate GPU path of FreeNoise's per-layer windows and block fusion and of FreeLong's local branch (SDPA backends, row-chunk
-budgets, query frames per call, a compiled flex block mask) timed side by side, written to ``kernels.json``
-beside the smoke JSON.
+The kernel choices (``--cases kernels``, not in the default run: ``scripts/gpu/kernels.py``, a few minutes):
+every candidate GPU path of FreeNoise's per-layer windows and block fusion and of FreeLong's local branch (SDPA
+backends, row-chunk budgets, query frames per call, a compiled flex block mask) timed side by side, written to
+``kernels.json`` beside the smoke JSON.
 
 Reading the numbers (one table row per stage; the JSON has every step and the sidecar's stage timings): each
 stage's schedule has ``--steps N`` steps, of which the refine stage runs the last int(0.7 N). ``first s`` is a
