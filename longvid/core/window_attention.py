@@ -81,7 +81,8 @@ class WindowFusedAttnProcessor:
     def _uses_matmul_core(self, attn, x: torch.Tensor, plan: FusionPlan) -> bool:
         """Whether :meth:`_matmul_fused_attention` runs: on a CPU, without autograd (its products write into
         buffers), for plain q/k/v linears of one width without q/k norms or ``pos_embed``, and when the views
-        tile the rows (``stride`` divides ``window`` and ``F``: no tail view). Anything else, and every GPU, takes the SDPA path (:meth:`_fused_attention`)."""
+        tile the rows (``stride`` divides ``window`` and ``F``: no tail view). Anything else, and every GPU,
+        takes the SDPA path (:meth:`_fused_attention`)."""
         projections = (attn.to_q, attn.to_k, attn.to_v)
         return (x.device.type == "cpu" and not torch.is_grad_enabled() and self.pos_embed is None
                 and len(plan.views) > 1 and self.window % self.stride == 0 and x.shape[1] % self.stride == 0
@@ -286,9 +287,9 @@ class WindowFusedAttnProcessor:
             )
 
 
-def _fold_slots(attended: torch.Tensor, stride: int, pad: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Per frame block, the sum of the view slots covering it: ``(h, pad + B, L, D) -> (B, stride, h, D)``
-    (into ``out`` when given: the frame-major layout the output projection reads, so no transposing copy).
+def _fold_slots(attended: torch.Tensor, stride: int, pad: int, out: torch.Tensor) -> torch.Tensor:
+    """Per frame block, the sum of the view slots covering it: ``(h, pad + B, L, D) -> out (B, stride, h, D)``,
+    the frame-major layout the output projection reads (so no transposing copy).
 
     Block ``b`` (``stride`` frames) is covered by part ``j`` of slot ``b - j`` for ``j < L/stride``; slot ``u``
     sits at index ``u + pad`` (``pad = L/stride - 1`` zero slots first, so the first blocks read zeros). Part
@@ -302,7 +303,7 @@ def _fold_slots(attended: torch.Tensor, stride: int, pad: int, out: torch.Tensor
         (length * dim, (length - stride) * dim, dim, attended.stride(0), 1),
         attended.storage_offset() + (length - stride) * dim,
     )
-    return view.sum(1) if out is None else torch.sum(view, 1, out=out)
+    return torch.sum(view, 1, out=out)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
