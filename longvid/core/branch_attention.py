@@ -404,6 +404,15 @@ def plan_bytes(plan: list[Task]) -> int:
     return sum(t.element_size() * t.numel() for task in plan for t in task[1:] if isinstance(t, Tensor))
 
 
+def branch_cost(member: Callable[[Tensor, Tensor], Tensor], queries: Tensor, keys: Tensor) -> float:
+    """The planner's estimated cost of one query group (its cheapest tasks), in scored pairs: lets a branch
+    choose the shape of its own groups (TSA's stripe tiles) by the same cost model."""
+    if queries.numel() == 0 or keys.numel() == 0:
+        return 0.0
+    mask = member(queries.reshape(-1)[:, None], keys[None, :]).reshape(*queries.shape, keys.numel())
+    return _best(queries, keys, mask)[0]
+
+
 def _group_tasks(b: int, branch: Branch, queries: Tensor, keys: Tensor) -> list[Task]:
     if queries.numel() == 0 or keys.numel() == 0:
         return []

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from longvid.core.branch_attention import Branch, band
+from longvid.core.branch_attention import Branch, band, branch_cost
 from longvid.core.freeloc_geometry import (TSA_WINDOW_1, TSA_WINDOW_2, VrprSettings, round_up, sink_future_frame,
                                            stripe_width, tsa_member, tsa_positions, vrpr_member, vrpr_positions)
 
 Tensor = torch.Tensor
-TILE_QUERIES = 256  # TSA's stripe tiles before the planner halves them (bounds each membership mask it builds)
+TILE_QUERIES = 256  # TSA's largest stripe tile before the planner halves it (bounds each membership mask it builds)
 
 
 def vrpr_branches(grid: tuple[int, int, int], settings: VrprSettings, round_to: int = 128,
@@ -64,39 +64,60 @@ def tsa_branches(grid: tuple[int, int, int], round_to: int = 128, sink_future: s
         near = ((delta.abs() > d1) & (delta.abs() <= d2)).any(0)
         return keys[near]
 
+    def stripe_member(m, n):
+        return original(m, n) & ((m - n).abs() > d1) & (n >= first)
+
+    def stripe_tile(i0: int, tile_f: int, r0: int, tile_p: int) -> tuple[Tensor, Tensor]:
+        """Queries of frames [i0, i0 + tile_f) × positions [r0, r0 + tile_p) (clipped; (frames, positions)) and
+        the keys their stripes can hold: the frames at token distance (d1, d2] of some query, the positions
+        within the stripe width of the tile's."""
+        frames = torch.arange(i0, min(i0 + tile_f, f))
+        inside = torch.arange(r0, min(r0 + tile_p, p))
+        queries = frames[:, None] * p + inside[None, :]  # (frames, positions)
+        lo, hi = int(queries.min()), int(queries.max())
+        near = torch.zeros(f, dtype=torch.bool)  # key frames at token distance (d1, d2] of some query
+        for a, b in ((lo - d2, hi - d1 - 1), (lo + d1 + 1, hi + d2)):
+            a, b = max(0, a), min(seq - 1, b)
+            if a <= b:
+                near[a // p:b // p + 1] = True
+        cols = torch.arange(max(0, r0 - width + 1), min(p, int(inside[-1]) + width))
+        keys = (near.nonzero().flatten()[:, None] * p + cols[None, :]).flatten()
+        return queries, keys[keys >= first]
+
+    def tile_shape() -> tuple[int, int]:
+        """The tile (frames, positions) the planner itself prices cheapest per query, judged on a tile in the
+        middle of the clip: frames 1–16, positions a divisor of P (no ragged last tile), 32–256 queries. Small
+        tiles keep the candidates near the queries (a query keeps 2·width − 1 positions of ~16 frames per side;
+        a tile of n frames × t positions scores ~(16 + n)·(t + 2·width − 2) per side), large ones make fewer
+        calls. At P = 104, 81 frames the choice (4 × 52) scores 0.126 of S² in the stripes where the earlier
+        rule's 256-query tile (16 × 16) scored 0.145: 4–9 % of TSA's time."""
+        shapes = [(n, t) for n in (1, 2, 3, 4, 6, 8, 16) if n <= f for t in range(1, p + 1)
+                  if p % t == 0 and 32 <= n * t <= TILE_QUERIES] or [(1, min(p, TILE_QUERIES))]
+
+        def per_query(shape):
+            n, t = shape
+            queries, keys = stripe_tile((f - n) // 2, n, t * ((p // t) // 2), t)
+            return branch_cost(stripe_member, queries, keys) / queries.numel()
+
+        return min(shapes, key=per_query)
+
     def stripe_tiles():
         """Tiles of frames × in-frame positions (frame-major: the planner halves them along either axis) with
-        the keys their stripes can hold: the frames at token distance (d1, d2] on either side, the positions
-        within the stripe width of the tile's. A block of consecutive tokens holds every in-frame position (256
-        tokens are 2.5 frames at P = 104), so the planner would have to halve it down to a few queries to keep
-        the candidates near them: 1.5× the calls, 10 % slower at 81 frames."""
+        the keys their stripes can hold (:func:`stripe_tile`), in the shape of :func:`tile_shape`. A block of
+        consecutive tokens holds every in-frame position (256 tokens are 2.5 frames at P = 104), so the planner
+        would have to halve it down to a few queries to keep the candidates near them: 1.5× the calls, 10 %
+        slower at 81 frames."""
         if width <= 0:  # a stripe narrower than one token holds nothing
             return
-        # the shape whose candidates hold the fewest keys per kept one: (span + frames) / span key frames per
-        # frame a query keeps, min(P, positions + 2·width − 2) / (2·width − 1) key positions per kept one
-        span = (d2 - d1) / p
-        shapes = [(n, min(p, TILE_QUERIES // n)) for n in (1, 2, 4, 8, 16, 32, 64) if n <= min(f, TILE_QUERIES)]
-        tile_f, tile_p = min(shapes, key=lambda s: (span + s[0]) / span * min(p, s[1] + 2 * width - 2))
+        tile_f, tile_p = tile_shape()
         for i0 in range(0, f, tile_f):
-            frames = torch.arange(i0, min(i0 + tile_f, f))
             for r0 in range(0, p, tile_p):
-                inside = torch.arange(r0, min(r0 + tile_p, p))
-                queries = frames[:, None] * p + inside[None, :]  # (frames, positions)
-                lo, hi = int(queries.min()), int(queries.max())
-                near = torch.zeros(f, dtype=torch.bool)  # key frames at token distance (d1, d2] of some query
-                for a, b in ((lo - d2, hi - d1 - 1), (lo + d1 + 1, hi + d2)):
-                    a, b = max(0, a), min(seq - 1, b)
-                    if a <= b:
-                        near[a // p:b // p + 1] = True
-                cols = torch.arange(max(0, r0 - width + 1), min(p, int(inside[-1]) + width))
-                keys = (near.nonzero().flatten()[:, None] * p + cols[None, :]).flatten()
-                yield queries, keys[keys >= first]
+                yield stripe_tile(i0, tile_f, r0, tile_p)
 
     zero = lambda frames: tsa_positions(frames, 0)  # noqa: E731
     return [
         Branch(zero, lambda m, n: original(m, n) & ((m - n).abs() <= d1), band(-d1, d1, seq)),
-        Branch(zero, lambda m, n: original(m, n) & ((m - n).abs() > d1) & (n >= first), stripes,
-               stripe_tiles),
+        Branch(zero, stripe_member, stripes, stripe_tiles),
         Branch(zero, lambda m, n: original(m, n) & ((m - n).abs() > d1) & (n < first),
                lambda q0, q1: torch.arange(min(first, seq))),
         Branch(lambda frames: tsa_positions(frames, 1), lambda m, n: tsa_member(m, n, 1, p, f, round_to, sink_future),
