@@ -86,18 +86,18 @@ def tsa_branches(grid: tuple[int, int, int], round_to: int = 128, sink_future: s
 
     def tile_shape() -> tuple[int, int]:
         """The tile (frames, positions) the planner itself prices cheapest per query, judged on a tile in the
-        middle of the clip: frames 1–16, positions a divisor of P (no ragged last tile), 32–256 queries. Small
-        tiles keep the candidates near the queries (a query keeps 2·width − 1 positions of ~16 frames per side;
-        a tile of n frames × t positions scores ~(16 + n)·(t + 2·width − 2) per side), large ones make fewer
-        calls. At P = 104, 81 frames the choice (4 × 52) scores 0.126 of S² in the stripes where the earlier
+        middle of the clip and one at its start: 1, 2, 3, 4, 6, 8 or 16 frames, positions a divisor of P (no
+        ragged last tile), 32–256 queries. Small tiles keep the candidates near the queries (a query keeps
+        2·width − 1 positions of ~16 frames per side; a tile of n frames × t positions scores
+        ~(16 + n)·(t + 2·width − 2) per side), large ones make fewer calls. At P = 104, 81 frames the choice (4 × 52) scores 0.126 of S² in the stripes where the earlier
         rule's 256-query tile (16 × 16) scored 0.145: 4–9 % of TSA's time."""
         shapes = [(n, t) for n in (1, 2, 3, 4, 6, 8, 16) if n <= f for t in range(1, p + 1)
                   if p % t == 0 and 32 <= n * t <= TILE_QUERIES] or [(1, min(p, TILE_QUERIES))]
 
-        def per_query(shape):
+        def per_query(shape):  # a middle tile, and one at the first frames (a short clip's middle may hold no stripe)
             n, t = shape
-            queries, keys = stripe_tile((f - n) // 2, n, t * ((p // t) // 2), t)
-            return branch_cost(stripe_member, queries, keys) / queries.numel()
+            tiles = [stripe_tile(i0, n, t * ((p // t) // 2), t) for i0 in sorted({(f - n) // 2, 0})]
+            return sum(branch_cost(stripe_member, *tile) for tile in tiles) / sum(q.numel() for q, _ in tiles)
 
         return min(shapes, key=per_query)
 

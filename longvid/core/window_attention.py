@@ -90,13 +90,16 @@ class WindowFusedAttnProcessor:
                 and len({p.out_features for p in projections}) == 1)
 
     def _project_for_matmul(self, attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q transposed, ``(h, D, N, F)``, and k, v ``(N, h, F, D)``: strided views of the three projections
-        computed exactly as full attention computes them (``AttnProcessor2_0``: one GEMM each, row-major), so
-        the layer differs from full attention only in its core. Measured alternatives, one thread: a stacked
+        """q transposed, ``(h, D, N, F)``, and k, v ``(N, h, F, D)``: strided views of the same three row-major
+        GEMMs full attention runs (``AttnProcessor2_0``), so the layer differs from full attention only in its
+        core. Measured alternatives, one thread: a stacked
         k/v GEMM and q's own transposed GEMM (``W·Xᵀ``) were 5–15 % slower per projection on an AVX2 CPU than
         three row-major ones, and the core reading q transposed costs ~10 % of one score product."""
         n, frames, _ = x.shape
-        q, k, v = (p(x).view(n, frames, attn.heads, -1) for p in (attn.to_q, attn.to_k, attn.to_v))  # (N, F, h, D)
+        # plain linears (checked by _uses_matmul_core): their raw weights give the module's exact product, and q is
+        # a fresh tensor no hook or caller holds, so the core may write its output into it
+        q, k, v = (F.linear(x, p.weight, p.bias).view(n, frames, attn.heads, -1)
+                   for p in (attn.to_q, attn.to_k, attn.to_v))  # (N, F, h, D)
         return q.permute(2, 3, 0, 1), k.transpose(1, 2), v.transpose(1, 2)
 
     def _fused_attention(self, attn, q, k, v, plan: FusionPlan, pos) -> torch.Tensor:
@@ -147,9 +150,9 @@ class WindowFusedAttnProcessor:
         Why not SDPA: its CPU flash kernel spends ~1.5 µs per 16×16 problem, more than the problem's arithmetic.
         Rows are flattened into one frame axis, so the views of a chunk of rows are one strided ``unfold`` (one
         matmul batch per head, no copies) that also holds ``window/stride - 1`` slots per row whose frames run
-        into the next row; their weight is 0, so their outputs are zeros without a pass of their own. Every slot
-        then has the same shape, and the fold is one sum over a strided view of the slots (:func:`_fold_slots`)
-        instead of a weighted add per view part.
+        into the next row; their outputs are zeroed (a product by a zero weight would not do: a non-finite value
+        in the next row would reach this one). Every slot then has the same shape, and the fold is one sum over
+        a strided view of the slots (:func:`_fold_slots`) instead of a weighted add per view part.
         """
         heads, dim, n, frames = q_t.shape
         length, stride = self.window, self.stride
@@ -157,7 +160,6 @@ class WindowFusedAttnProcessor:
         slots = frames // stride  # view slots per row: the regular views, then the ones crossing into the next row
         pad = length // stride - 1
         weights = self._view_weights(plan, regular, q_t.device, q_t.dtype).view(regular, 1, length)  # (V, 1, Lq)
-        weights = torch.cat([weights, weights.new_zeros(slots - regular, 1, length)])  # (slots, 1, Lq)
         # The output takes q's own storage: a chunk's fold overwrites q's rows of that chunk, which every head has
         # read by then. No fresh (N, F, h, D) tensor (its first-touch page faults were ~2 % of the layer), and one
         # projection less at the peak.
@@ -177,6 +179,7 @@ class WindowFusedAttnProcessor:
             for h in range(heads):
                 dest = attended[h, pad:]  # (n·slots, L, D)
                 self._attend_views(q_t[h, :, rows], k[rows, h], v[rows, h], weights, dest, scores)
+                dest.view(count, slots, length, dim)[:, regular:].zero_()  # slots that cross rows (and the last pad)
             # every head's fold sums straight into the chunk's contiguous (n·F/S, S, h, D) output: no copy
             _fold_slots(attended, stride, pad, out=out[rows].view(-1, stride, heads, dim))
         return out
@@ -184,9 +187,9 @@ class WindowFusedAttnProcessor:
     def _attend_views(self, q_t, k, v, weights, dest, scores) -> None:
         """Weighted attention of every view slot of a chunk of rows, for one head, into ``dest``.
 
-        ``q_t`` ``(D, n, F)``, k/v ``(n, F, D)``, ``weights`` ``(slots, 1, L)`` (0 for the slots crossing rows),
-        ``dest`` ``(n·slots, L, D)``; ``scores`` is a buffer of at least ``n·slots`` ``(L, L)`` matrices. Slot
-        ``r·slots + v`` of ``dest`` gets ``weights[v] · attention(view v of row r)``: 0 for the crossing slots.
+        ``q_t`` ``(D, n, F)``, k/v ``(n, F, D)``, ``weights`` ``(V, 1, L)``, ``dest`` ``(n·slots, L, D)``;
+        ``scores`` is a buffer of at least ``n·slots`` ``(L, L)`` matrices. Slot ``r·slots + v`` of ``dest`` gets
+        ``weights[v] · attention(view v of row r)`` for the regular views ``v`` (the caller zeroes the others).
         Scores are kept transposed, ``(keys, queries)``: the softmax over a non-last axis and the product with a
         transposed probability operand both measured faster than the row-major forms at 16 frames. The view
         weights (one per query) scale the probabilities, ``window`` values per query instead of ``D``."""
@@ -198,9 +201,9 @@ class WindowFusedAttnProcessor:
         s = scores[:keys.shape[0]]  # the last row's crossing slots have no frames to attend
         torch.baddbmm(s, keys, queries, beta=0, alpha=dim ** -0.5, out=s)  # K Qᵀ / √D
         torch.ops.aten._softmax.out(s, 1, False, out=s)  # over the keys
-        scores.view(n, -1, length, length).mul_(weights)  # the last row's uncomputed slots are never read
+        regular = weights.shape[0]
+        scores.view(n, -1, length, length)[:, :regular].mul_(weights)
         torch.bmm(s.transpose(1, 2), values, out=dest[:keys.shape[0]])  # (B, Lq, D)
-        dest[keys.shape[0]:].zero_()  # the last row's crossing slots, with no frames to attend
 
     def _budget(self, q: torch.Tensor) -> int:
         # None: 4 MiB on a CPU, where the chunk's views then stay in cache (measured at F = 128/256: a 16 MiB

@@ -146,6 +146,29 @@ def test_processor_matmul_path(window, stride, frames, chunk_bytes, bias, monkey
         assert (attn(x) - expected).abs().max() <= 1e-5
 
 
+def test_matmul_path_partial_chunks_keep_rows_apart():
+    """The CPU matmul core writes its output into q's storage chunk by chunk: with two rows per chunk over five
+    rows (the last chunk partial) every row is still its own per-view result, the input is untouched, and a
+    non-finite row stays in its row (the view slots that cross into the next row are zeroed, not weighted by
+    0: inf · 0 would carry it over)."""
+    attn, x = _attention(), _x(5, 64)
+    per_row = HEADS * (64 // 4) * 16 * (C // HEADS) * 4  # one row's view slots, all heads, float32
+    attn.set_processor(WindowFusedAttnProcessor(16, 4, chunk_bytes=2 * per_row))
+    expected = _reference_plan(attn, x, 16, 4)
+    before = x.clone()
+    with torch.inference_mode():
+        out = attn(x)
+    assert (out - expected).abs().max() <= 1e-5 and torch.equal(x, before)
+    bad = x.clone()
+    bad[1, :3] = float("inf")  # row 1's first frames: row 0's crossing slots read them
+    for chunk_bytes in (None, 2 * per_row):
+        attn.set_processor(WindowFusedAttnProcessor(16, 4, chunk_bytes=chunk_bytes))
+        with torch.inference_mode():
+            out = attn(bad)
+        for row in (0, 2, 3, 4):
+            assert (out[row] - expected[row]).abs().max() <= 1e-5, (chunk_bytes, row)
+
+
 @pytest.mark.parametrize("frames", [30, 64])
 def test_processor_pos_embed_with_tail_and_chunks(frames):
     attn, x = _attention(qk_norm="layer_norm"), _x(5, frames)
