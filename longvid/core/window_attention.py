@@ -160,12 +160,10 @@ class WindowFusedAttnProcessor:
         slots = frames // stride  # view slots per row: the regular views, then the ones crossing into the next row
         pad = length // stride - 1
         weights = self._view_weights(plan, regular, q_t.device, q_t.dtype).view(regular, 1, length)  # (V, 1, Lq)
-        # The output takes q's own storage: a chunk's fold overwrites q's rows of that chunk, which every head has
-        # read by then. No fresh (N, F, h, D) tensor (its first-touch page faults were ~2 % of the layer), and one
-        # projection less at the peak.
+        # The output takes q's own storage (row-major (N, F, h, D), see _project_for_matmul): a chunk's fold
+        # overwrites q's rows of that chunk, which every head has read by then. No fresh tensor (its first-touch
+        # page faults were ~2 % of the layer), and one projection less at the peak.
         out = q_t.permute(2, 3, 0, 1)  # (N, F, h, D)
-        if not out.is_contiguous():
-            out = torch.empty_like(out, memory_format=torch.contiguous_format)
         step = min(n, max(1, self._budget(q_t) // (heads * slots * length * dim * q_t.element_size())))
         # buffers reused by every chunk (fresh ones per chunk page-faulted on every first write): per head, `pad`
         # zero slots, then the chunk's slots; and one head's scores

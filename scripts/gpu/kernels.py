@@ -8,8 +8,8 @@ without a device. This script times every candidate GPU path of those kernels on
 sizes, round-robin (CUDA synchronised, median of ``--rounds``), with each candidate's peak memory above its
 inputs (``torch.cuda.max_memory_allocated``, reset per candidate, caches it builds included) and its max |Δ|
 against the current default; a candidate that fails or is not close to the default (``torch.allclose``, bfloat16:
-rtol = atol = 2e-2) cannot win. It changes nothing in longvid: the
-winners go into ``docs/benchmarks.md`` and the defaults are then set from them.
+rtol = atol = 2e-2) cannot win. It changes nothing in longvid: the winners go into ``docs/benchmarks.md`` and the
+defaults are then set from them.
 
 Sections (bfloat16 on CUDA; ``--tiny``: float32 toy sizes on whatever device is there, so the test suite keeps
 this script working):
@@ -32,6 +32,7 @@ this script working):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -164,10 +165,7 @@ def block_section(size: dict, rounds: int, device: torch.device, dtype: torch.dt
     block = BasicTransformerBlock(channels, heads, channels // heads, double_self_attention=True,
                                   positional_embeddings="sinusoidal",
                                   num_positional_embeddings=max(size["frames"])).to(device, dtype).eval()
-    fused = BasicTransformerBlock(channels, heads, channels // heads, double_self_attention=True,
-                                  positional_embeddings="sinusoidal",
-                                  num_positional_embeddings=max(size["frames"])).to(device, dtype).eval()
-    fused.load_state_dict(block.state_dict())
+    fused = copy.deepcopy(block)  # the same weights, with block fusion installed
     hook = apply_block_fusion(fused, 16, 4).hook
     results = []
     for frames in size["frames"]:
